@@ -1,0 +1,145 @@
+"""Config -> Plan: frozen, precomputed runtime objects; the hot path reads only these.
+
+A Plan is built once per (re)load. Each backend and route carries a `fingerprint` (hash of
+its own config section) so that a reload can keep the state of the ones that did not change
+(SPEC 4). Imports: stdlib, sidecar.core, sidecar.config.model/load, sidecar.errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import orjson
+
+from sidecar.config.load import LoadedConfig
+from sidecar.config.model import BackendConfig, Config, DrainConfig, LimitsConfig, RouteConfig, split_listen
+from sidecar.core.split import Split
+from sidecar.errors import MethodNotAllowed, NoRoute
+
+
+def _fingerprint(*parts: object) -> str:
+    return hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class BackendPlan:
+    name: str
+    origin: str          # scheme://host:port, what the pool connects to
+    base_path: str       # "" or "/base" (no trailing slash): prefixed to every request path
+    host_header: str     # the Host header upstream: the backend's, not the client's
+    timeout_s: float
+    max_connections: int
+    max_inflight: int | None
+    fingerprint: str
+
+    @classmethod
+    def build(cls, name: str, cfg: BackendConfig) -> BackendPlan:
+        u = urlsplit(cfg.url)
+        port = u.port or (443 if u.scheme == "https" else 80)
+        default_port = port == (443 if u.scheme == "https" else 80)
+        host = u.hostname or "127.0.0.1"
+        host_text = f"[{host}]" if ":" in host else host
+        return cls(
+            name=name,
+            origin=f"{u.scheme}://{u.netloc}",
+            base_path=u.path.rstrip("/"),
+            host_header=host_text if default_port else f"{host_text}:{port}",
+            timeout_s=cfg.timeout,
+            max_connections=cfg.max_connections,
+            max_inflight=cfg.max_inflight,
+            fingerprint=_fingerprint(name, cfg.model_dump(mode="json")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePlan:
+    name: str
+    path_prefix: str
+    methods: frozenset[str] | None
+    headers: tuple[tuple[str, str], ...]   # lower-case names, exact values
+    split: Split
+    backends: tuple[str, ...]              # the split's backend names, in config order
+    sticky_header: str | None
+    override_header: str | None
+    timeout_s: float
+    fingerprint: str
+
+    @classmethod
+    def build(cls, cfg: RouteConfig, backends: Mapping[str, BackendPlan]) -> RoutePlan:
+        return cls(
+            name=cfg.name,
+            path_prefix=cfg.match.path_prefix,
+            methods=frozenset(cfg.match.methods) if cfg.match.methods else None,
+            headers=tuple(cfg.match.headers.items()),
+            split=Split(list(cfg.split.items())),
+            backends=tuple(cfg.split),
+            sticky_header=cfg.sticky.header if cfg.sticky else None,
+            override_header=cfg.override_header,
+            timeout_s=cfg.timeout,
+            # a route changes when its own section or a backend it uses changes (SPEC 8)
+            fingerprint=_fingerprint(cfg.model_dump(mode="json"), [backends[b].fingerprint for b in cfg.split]),
+        )
+
+    def backend_index(self, name: str) -> int | None:
+        try:
+            return self.backends.index(name)
+        except ValueError:
+            return None
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    config: Config
+    version: str
+    secret_places: frozenset[str]
+    listen: tuple[str, int]
+    admin_listen: tuple[str, int]
+    admin_token: str
+    limits: LimitsConfig
+    drain: DrainConfig
+    access_log: bool
+    backends: Mapping[str, BackendPlan]
+    routes: tuple[RoutePlan, ...]
+    routes_by_name: Mapping[str, RoutePlan]
+
+    @classmethod
+    def build(cls, loaded: LoadedConfig) -> Plan:
+        cfg = loaded.config
+        backends = {name: BackendPlan.build(name, b) for name, b in cfg.backends.items()}
+        routes = tuple(RoutePlan.build(r, backends) for r in cfg.routes)
+        return cls(
+            config=cfg,
+            version=loaded.version,
+            secret_places=loaded.secret_places,
+            listen=split_listen(cfg.listen),
+            admin_listen=split_listen(cfg.admin.listen),
+            admin_token=cfg.admin.token,
+            limits=cfg.limits,
+            drain=cfg.drain,
+            access_log=cfg.access_log,
+            backends=backends,
+            routes=routes,
+            routes_by_name={r.name: r for r in routes},
+        )
+
+    def match(self, method: str, path: str, headers: Mapping[str, str]) -> RoutePlan:
+        """First route whose prefix, method and headers match (SPEC 2, 8).
+
+        No prefix match: NoRoute (404). Some prefix matched but no route there allows the
+        method: MethodNotAllowed (405) with the methods those routes allow.
+        """
+        allow: set[str] | None = None
+        for route in self.routes:
+            if not path.startswith(route.path_prefix):
+                continue
+            if route.headers and any(headers.get(k) != v for k, v in route.headers):
+                continue
+            if route.methods is None or method in route.methods:
+                return route
+            allow = (allow or set()) | route.methods
+        if allow is not None:
+            raise MethodNotAllowed(f"method {method} not allowed here", sorted(allow))
+        raise NoRoute(f"no route matches {path}")

@@ -1,0 +1,190 @@
+"""Every metric family (SPEC 6) is declared here; label children are cached cells.
+
+Why not prometheus_client's Counter/Histogram objects on the hot path: each `inc` and
+`observe` takes a threading lock and walks the buckets in Python, ~1-3 us apiece, several
+per request. All our writers run on the one event loop thread, so a child here is a slotted
+cell updated with `+=` (a histogram adds one `bisect`), and prometheus_client is used for
+what it is best at: exposition. `SidecarCollector` turns the cells into metric families at
+scrape time, and gauges that mirror live state (inflight, circuit state, weights) are read
+from callbacks then, costing nothing per request.
+
+NOTE: the cells are not thread-safe. Only the event loop thread may update them; worker
+threads (drift, file writes) report back through the loop.
+
+Label values come from config names or fixed enumerations, never from request data.
+Imports: stdlib, prometheus_client.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator
+from typing import Generic, TypeVar
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+PREFIX = "sidecar_"
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                   1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Cell:
+    """A counter or gauge value."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+
+class HistCell:
+    """Per-bucket (non-cumulative) counts; the last slot is +Inf."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+C = TypeVar("C", Cell, HistCell)
+
+
+class _Family(Generic[C]):
+    __slots__ = ("_children", "_make", "doc", "labelnames", "name")
+
+    def __init__(self, name: str, doc: str, labelnames: tuple[str, ...], make: Callable[[], C]) -> None:
+        self.name, self.doc, self.labelnames = PREFIX + name, doc, labelnames
+        self._children: dict[tuple[str, ...], C] = {}
+        self._make: Callable[[], C] = make
+
+    def labels(self, *values: str) -> C:
+        """The cached cell for these label values; callers keep it, not look it up per request."""
+        cell = self._children.get(values)
+        if cell is None:
+            assert len(values) == len(self.labelnames), (self.name, values)
+            cell = self._children[values] = self._make()
+        return cell
+
+    def items(self) -> list[tuple[tuple[str, ...], C]]:
+        return list(self._children.items())
+
+
+class CounterFamily(_Family[Cell]):
+    def __init__(self, name: str, doc: str, labelnames: tuple[str, ...]) -> None:
+        super().__init__(name, doc, labelnames, Cell)
+
+    def collect(self) -> Metric:
+        m = CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
+        for values, cell in self.items():
+            m.add_metric(values, cell.value)
+        return m
+
+
+class GaugeFamily(_Family[Cell]):
+    def __init__(self, name: str, doc: str, labelnames: tuple[str, ...]) -> None:
+        super().__init__(name, doc, labelnames, Cell)
+
+    def collect(self) -> Metric:
+        m = GaugeMetricFamily(self.name, self.doc, labels=self.labelnames)
+        for values, cell in self.items():
+            m.add_metric(values, cell.value)
+        return m
+
+
+class HistogramFamily(_Family[HistCell]):
+    def __init__(self, name: str, doc: str, labelnames: tuple[str, ...],
+                 bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        super().__init__(name, doc, labelnames, lambda: HistCell(bounds))
+        self.bounds = bounds
+
+    def collect(self) -> Metric:
+        m = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
+        for values, cell in self.items():
+            acc, buckets = 0, []
+            for bound, n in zip((*self.bounds, float("inf")), cell.counts, strict=True):
+                acc += n
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), acc))
+            m.add_metric(values, buckets, cell.sum)
+        return m
+
+
+GaugeCallback = Callable[[], Iterable[tuple[tuple[str, ...], float]]]
+
+
+class CallbackGauge:
+    """A gauge whose samples are read from live state at scrape time."""
+
+    __slots__ = ("doc", "labelnames", "name", "read")
+
+    def __init__(self, name: str, doc: str, labelnames: tuple[str, ...]) -> None:
+        self.name, self.doc, self.labelnames = PREFIX + name, doc, labelnames
+        self.read: GaugeCallback = lambda: ()
+
+    def collect(self) -> Metric:
+        m = GaugeMetricFamily(self.name, self.doc, labels=self.labelnames)
+        for values, value in self.read():
+            m.add_metric(values, value)
+        return m
+
+
+class Metrics:
+    """The sidecar's metric families. One instance per process (tests: one per sidecar)."""
+
+    def __init__(self) -> None:
+        rb = ("route", "backend")
+        self.requests = CounterFamily("requests_total", "Requests answered, by route, backend and status code.",
+                                      ("route", "backend", "code"))
+        self.request_duration = HistogramFamily(
+            "request_duration_seconds", "Time from request arrival to the end of the answer.", rb)
+        self.ttfb = HistogramFamily(
+            "time_to_first_byte_seconds", "Time from an upstream try's start to its response headers.", rb)
+        self.shed = CounterFamily("shed_requests_total", "Requests refused to protect the sidecar.", ("reason",))
+        self.override_ignored = CounterFamily(
+            "override_ignored_total", "Override headers naming no backend of the route (normal split used).",
+            ("route",))
+        self.access_log_dropped = CounterFamily(
+            "access_log_dropped_total", "Access log lines dropped because the writer fell behind.", ())
+        self.stream_broken = CounterFamily(
+            "streams_broken_total", "Streamed answers cut because the backend broke or went idle.", rb)
+        self.client_disconnects = CounterFamily(
+            "client_disconnects_total", "Clients that went away before their answer was written.", ("route",))
+        self.inflight = CallbackGauge("inflight_requests", "Upstream requests in flight, per backend.", ("backend",))
+        self.route_weight = CallbackGauge(
+            "route_weight", "Effective share (0-1) of a route's traffic per backend, after overrides and exclusions.",
+            rb)
+        self.config_info = CallbackGauge("config_info", "The running config's version (value is always 1).",
+                                         ("version",))
+        self.families: list[CounterFamily | GaugeFamily | HistogramFamily | CallbackGauge] = [
+            self.requests, self.request_duration, self.ttfb, self.shed, self.override_ignored,
+            self.access_log_dropped, self.stream_broken, self.client_disconnects, self.inflight,
+            self.route_weight, self.config_info,
+        ]
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_SidecarCollector(self))
+        ProcessCollector(registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _SidecarCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._metrics.families:
+            yield family.collect()

@@ -1,0 +1,137 @@
+"""Lifecycle: listeners, the one TaskGroup, signals and the SIGTERM drain (SPEC 7).
+
+    run()   bind the proxy and admin sockets -> start background tasks in the TaskGroup ->
+            ready -> wait for stop (SIGTERM/SIGINT or request_stop()) -> drain -> cancel
+            the tasks -> close pools -> exit code
+    drain   /readyz 503 at once; serve on for drain.delay (keep-alive included); then stop
+            accepting, answer with `Connection: close`, close idle connections; in-flight
+            requests get drain.grace to finish. Exit 0 when all finished, 1 when some had
+            to be cut (logged).
+
+Every long-lived task is created in `Sidecar.run`'s TaskGroup and cancelled on shutdown.
+Imports: stdlib, aiohttp, sidecar.config, sidecar.shell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import socket
+from pathlib import Path
+
+from aiohttp import web
+
+from sidecar.config.load import LoadedConfig
+from sidecar.config.plan import Plan
+from sidecar.shell.accesslog import AccessLog
+from sidecar.shell.admin import build_admin_app
+from sidecar.shell.metrics import Metrics
+from sidecar.shell.proxy import Proxy
+from sidecar.shell.runtime import Runtime
+
+log = logging.getLogger("sidecar.server")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.setblocking(False)
+    return sock
+
+
+class Sidecar:
+    """One sidecar process's serving state. `await run()` serves until stopped."""
+
+    def __init__(self, loaded: LoadedConfig, *, install_signals: bool = False,
+                 access_log_fd: int | None = None) -> None:
+        self.loaded = loaded
+        self.config_path: Path | None = loaded.path
+        self.metrics = Metrics()
+        plan = Plan.build(loaded)
+        self.access_log = AccessLog(self.metrics.access_log_dropped.labels(), access_log_fd)
+        self.proxy = Proxy(Runtime.build(plan, self.metrics), self.access_log, random.random)
+        self.ready = asyncio.Event()
+        self.draining = False
+        self.proxy_port = 0
+        self.admin_port = 0
+        self._install_signals = install_signals
+        self._stop: asyncio.Event = asyncio.Event()
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://127.0.0.1:{self.proxy_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def request_stop(self) -> None:
+        """Begin the drain, as SIGTERM does."""
+        if not self._stop.is_set():
+            log.info("stop requested: draining")
+            self.draining = True
+            self._stop.set()
+
+    async def run(self) -> int:
+        plan = self.proxy.runtime.plan
+        limits = plan.limits
+        proxy_server = web.Server(
+            self.proxy, access_log=None, keepalive_timeout=limits.idle_timeout,
+            max_line_size=limits.max_header_bytes, max_field_size=limits.max_header_bytes,
+            max_headers=limits.max_headers, lingering_time=2.0)
+        proxy_runner = web.ServerRunner(proxy_server, handle_signals=False, shutdown_timeout=0.5)
+        admin_runner = web.AppRunner(build_admin_app(self), handle_signals=False, access_log=None,
+                                     shutdown_timeout=0.5)
+        await proxy_runner.setup()
+        await admin_runner.setup()
+        loop = asyncio.get_running_loop()
+        if self._install_signals:
+            loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+            loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        code = 0
+        try:
+            proxy_sock = bind(*plan.listen)
+            admin_sock = bind(*plan.admin_listen)
+            self.proxy_port = proxy_sock.getsockname()[1]
+            self.admin_port = admin_sock.getsockname()[1]
+            proxy_site = web.SockSite(proxy_runner, proxy_sock, backlog=4096)
+            await proxy_site.start()
+            await web.SockSite(admin_runner, admin_sock).start()
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(self.access_log.run(), name="access-log")]
+                self.ready.set()
+                log.info("serving on %s:%d, admin on %s:%d, config %s",
+                         *plan.listen, *plan.admin_listen, plan.version)
+                await self._stop.wait()
+                code = await self._drain(proxy_site, proxy_server)
+                for task in tasks:
+                    task.cancel()
+        finally:
+            if self._install_signals:
+                loop.remove_signal_handler(signal.SIGTERM)
+                loop.remove_signal_handler(signal.SIGINT)
+            await proxy_runner.cleanup()
+            await admin_runner.cleanup()
+            await self.proxy.runtime.close()
+        log.info("stopped (exit code %d)", code)
+        return code
+
+    async def _drain(self, proxy_site: web.SockSite, proxy_server: web.Server) -> int:
+        drain = self.proxy.runtime.plan.drain
+        self.draining = True
+        await asyncio.sleep(drain.delay)
+        self.proxy.closing = True
+        await proxy_site.stop()          # no new connections
+        proxy_server.pre_shutdown()      # idle keep-alive connections close, busy ones after their answer
+        try:
+            async with asyncio.timeout(drain.grace):
+                await self.proxy.wait_idle()
+        except TimeoutError:
+            log.error("drain: %d requests still in flight after %.1fs grace; cutting them",
+                      self.proxy.inflight, drain.grace)
+            return 1
+        return 0
