@@ -318,8 +318,14 @@ class UpstreamPool:
         return [head, body] if body else [head]
 
     async def attempt(self, method: str, raw_path: str, headers: Iterable[tuple[str, str]], body: bytes,
-                      headers_deadline: float, try_deadline: float) -> Answer:
-        """One try. Raises UpstreamFailure; on success the caller owns the Answer."""
+                      headers_deadline: float, try_deadline: float, buffer_limit: int | None = None) -> Answer:
+        """One try. Raises UpstreamFailure; on success the caller owns the Answer.
+
+        `buffer_limit` raises the size up to which an answer is read whole, for the requests
+        whose answer must be parsed (mirrored with comparison, sampled); default
+        `limits.buffer_response_bytes`.
+        """
+        limit = self._buffer_limit if buffer_limit is None else buffer_limit
         conn: _Conn | None = None
         self.inflight += 1
         streaming = False
@@ -330,7 +336,7 @@ class UpstreamPool:
                 head = await conn.next_event()
                 assert isinstance(head, Head)
                 length = head.length
-                if length is not None and length <= self._buffer_limit and not _is_event_stream(head):
+                if length is not None and length <= limit and not _is_event_stream(head):
                     if try_deadline != headers_deadline:
                         timeout.reschedule(try_deadline)
                     parts = []
