@@ -105,7 +105,7 @@ class Sidecar:
                 tasks = [tg.create_task(self.access_log.run(), name="access-log")]
                 self.ready.set()
                 log.info("serving on %s:%d, admin on %s:%d, config %s",
-                         *plan.listen, *plan.admin_listen, plan.version)
+                         plan.listen[0], self.proxy_port, plan.admin_listen[0], self.admin_port, plan.version)
                 await self._stop.wait()
                 code = await self._drain(proxy_site, proxy_server)
                 for task in tasks:
