@@ -313,6 +313,11 @@ class Mirrors:
 
     # -- shutdown --------------------------------------------------------------------------------
 
+    async def wait_idle(self) -> None:
+        """Return once no mirror is in flight (for tests and callers that must not cut them)."""
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
+
     async def drain(self, timeout_s: float) -> int:
         """Stop mirroring; let mirrors in flight finish within `timeout_s`, then cancel and await
         the rest. Returns how many were cut (counted as outcome `cancelled`)."""
