@@ -241,7 +241,9 @@ class Mirrors:
                 shadow_headers = [*ticket.headers, SHADOW_HEADER]
             stats.inflight += 1
             stats.sent += 1
-            self._spawn(self._run(m, stats, ticket.pools[m.backend], ticket, shadow_headers, primary_body))
+            # only a comparing mirror holds on to the primary's answer (until its shadow answers)
+            kept = primary_body if m.compare_path is not None else None
+            self._spawn(self._run(m, stats, ticket.pools[m.backend], ticket, shadow_headers, kept))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         # The one place mirror tasks are made. Not in the server's TaskGroup: a mirror

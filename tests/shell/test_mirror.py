@@ -12,9 +12,12 @@ import aiohttp
 import orjson
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sidecar.config.load import LoadedConfig, config_version, parse_config
-from sidecar.shell.mirror import key_share_below
+from sidecar.config.plan import Plan, RoutePlan
+from sidecar.shell.mirror import MirrorStats, key_share_below
 from sidecar.shell.server import Sidecar
 from tests import upstreams as u
 from tests.conftest import MakeSidecar, sidecar_config
@@ -342,9 +345,7 @@ async def test_config_errors_name_their_place():
 # -- plan and state, without sockets ----------------------------------------------------------------
 
 
-def build_plan(mirror: dict[str, Any], **extra: Any):
-    from sidecar.config.plan import Plan
-
+def build_plan(mirror: dict[str, Any], **extra: Any) -> Plan:
     cfg, secrets = parse_config(yaml.safe_dump(mirrored("http://127.0.0.1:1", "http://127.0.0.1:2", mirror, **extra)),
                                 env={})
     return Plan.build(LoadedConfig(cfg, config_version(cfg), None, secrets))
@@ -409,11 +410,20 @@ def test_stats_survive_a_reload_that_keeps_the_mirror():
     assert mirrors._stats == {}
 
 
-def ratio(stats) -> float | None:
+def ratio(stats: MirrorStats) -> float | None:
     return stats.window.ratio
 
 
-def dataclasses_replace_routes(plan, routes):
+def dataclasses_replace_routes(plan: Plan, routes: list[RoutePlan]) -> Plan:
     import dataclasses
 
     return dataclasses.replace(plan, routes=tuple(routes), routes_by_name={r.name: r for r in routes})
+
+
+@given(key=st.text(max_size=40), low=st.floats(0, 1), high=st.floats(0, 1))
+def test_keyed_share_is_monotone_in_percent(key: str, low: float, high: float):
+    """Raising a keyed mirror's percent never stops mirroring a user who was mirrored."""
+    low, high = min(low, high), max(low, high)
+    if key_share_below(key, low):
+        assert key_share_below(key, high)
+    assert key_share_below(key, 1.0) and not key_share_below(key, 0.0)
