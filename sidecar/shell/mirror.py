@@ -68,6 +68,7 @@ SHADOW_HEADER: Final = ("x-sidecar-shadow", "1")
 DISAGREEMENTS_KEPT: Final = 50
 MAX_SHOWN_BYTES: Final = 2048  # JSON of one side's values kept per disagreement, at most
 _KEY_SALT: Final = b"mirror\x00"  # keyed sampling is independent of the sticky split's hash
+DROP_LOG_EVERY_S: Final = 10.0  # drops are counted each time, logged at most this often per shadow
 _TWO_64: Final = float(2**64)  # key_hash is 64-bit: hash < threshold * 2**64 (exact compare)
 
 AGREE: Final = "agree"
@@ -95,7 +96,7 @@ def key_share_below(key: str, threshold: float) -> bool:
 class MirrorStats:
     """What one (route, shadow) has seen; kept by name across reloads."""
 
-    __slots__ = ("cells", "compare_fingerprint", "disagreements", "inflight", "sent", "window")
+    __slots__ = ("cells", "compare_fingerprint", "disagreements", "dropped_logged_at", "inflight", "sent", "window")
 
     def __init__(self, plan: MirrorPlan, metrics: Metrics) -> None:
         self.cells: dict[str, Cell] = {o: metrics.mirror_requests.labels(plan.route, plan.backend, o)
@@ -105,6 +106,7 @@ class MirrorStats:
         self.compare_fingerprint = plan.compare_fingerprint
         self.window = AgreementWindow(plan.window)
         self.disagreements = DisagreementLog(DISAGREEMENTS_KEPT)
+        self.dropped_logged_at = -DROP_LOG_EVERY_S
 
     def count(self, outcome: str) -> None:
         self.cells[outcome].value += 1
@@ -236,6 +238,7 @@ class Mirrors:
         for m, stats in ticket.targets:
             if self._closed or stats.inflight >= m.max_inflight:
                 stats.count(DROPPED)
+                self._log_drop(m, stats)
                 continue
             if shadow_headers is None:
                 shadow_headers = [*ticket.headers, SHADOW_HEADER]
@@ -244,6 +247,13 @@ class Mirrors:
             # only a comparing mirror holds on to the primary's answer (until its shadow answers)
             kept = primary_body if m.compare_path is not None else None
             self._spawn(self._run(m, stats, ticket.pools[m.backend], ticket, shadow_headers, kept))
+
+    def _log_drop(self, m: MirrorPlan, stats: MirrorStats) -> None:
+        now = time.monotonic()
+        if now - stats.dropped_logged_at >= DROP_LOG_EVERY_S:
+            stats.dropped_logged_at = now
+            log.warning("mirror %s -> %s: %s; dropping mirrors (counted in outcome=dropped)", m.route, m.backend,
+                        "shutting down" if self._closed else f"{m.max_inflight} in flight (max_inflight)")
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         # The one place mirror tasks are made. Not in the server's TaskGroup: a mirror
