@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from sidecar.core.jsonpath import compile_path
 from sidecar.errors import ConfigIssue
 
 # --- scalar types -------------------------------------------------------------------------
@@ -200,6 +201,46 @@ class StickyConfig(_Model):
     header: HeaderName
 
 
+# --- mirror (shadow mode, issue 5) ----------------------------------------------------------
+
+
+def _check_json_path(value: str) -> str:
+    compile_path(value)  # JsonPathError is a ValueError: reported at the field's place
+    return value
+
+
+JsonPathText = Annotated[str, AfterValidator(_check_json_path)]
+
+
+_MIRROR_METHODS: list[Method] = ["POST", "GET"]
+
+
+class MirrorKeyConfig(_Model):
+    header: HeaderName
+
+
+class CompareConfig(_Model):
+    path: JsonPathText = Field(description="JSON path evaluated on both answers, e.g. '$.predictions[*]'")
+    tolerance: float = Field(default=0.0, ge=0, description="numbers agree within this absolute difference")
+    rel_tolerance: float = Field(
+        default=0.0, ge=0, description="or within this share of the larger magnitude (0: off)")
+    window: int = Field(default=1000, ge=1, description="compared requests behind the rolling agreement ratio")
+
+
+class MirrorConfig(_Model):
+    backend: str
+    percent: float = Field(default=100.0, ge=0, le=100, description="share of requests copied")
+    key: MirrorKeyConfig | None = Field(default=None, description="the share is chosen by this header's hash")
+    methods: list[Method] = Field(default_factory=_MIRROR_METHODS.copy)
+    timeout: Seconds | None = Field(default=None, description="whole mirror deadline; default the backend's timeout")
+    max_inflight: int = Field(default=32, ge=1, description="past this, mirrors are dropped and counted")
+    max_body_bytes: ByteSize | None = Field(default=None, description="larger request bodies are not mirrored")
+    compare: CompareConfig | None = None
+
+
+# --- end mirror ------------------------------------------------------------------------------
+
+
 class RouteConfig(_Model):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", min_length=1, max_length=64)]
     match: MatchConfig = Field(default_factory=MatchConfig)
@@ -207,6 +248,7 @@ class RouteConfig(_Model):
     sticky: StickyConfig | None = None
     override_header: HeaderName | None = None
     timeout: Seconds = Field(default=15.0, description="whole-request deadline until the answer starts")
+    mirror: list[MirrorConfig] = Field(default_factory=list)  # mirror: shadow copies (issue 5)
 
 
 class Config(_Model):
@@ -235,6 +277,12 @@ class Config(_Model):
                           for b in route.split if b not in self.backends)
             if route.split and sum(route.split.values()) <= 0:
                 issues.append(ConfigIssue(f"{place}.split", "weights must not all be 0"))
+            # mirror: each shadow must be a known backend, mirrored at most once per route
+            issues.extend(ConfigIssue(f"{place}.mirror[{j}].backend",
+                                      f"unknown backend {m.backend!r} (known: {known_text})")
+                          for j, m in enumerate(route.mirror) if m.backend not in self.backends)
+            issues.extend(ConfigIssue(f"{place}.mirror[{j}].backend", f"backend {m.backend!r} is mirrored twice")
+                          for j, m in enumerate(route.mirror) if any(n.backend == m.backend for n in route.mirror[:j]))
         if issues:
             raise ReferenceErrors(issues)
         return self

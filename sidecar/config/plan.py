@@ -10,14 +10,19 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING  # mirror
 from urllib.parse import urlsplit
 
 import orjson
 
 from sidecar.config.load import LoadedConfig
 from sidecar.config.model import BackendConfig, Config, DrainConfig, LimitsConfig, RouteConfig, split_listen
+from sidecar.core.jsonpath import JsonPath, compile_path  # mirror
 from sidecar.core.split import Split
 from sidecar.errors import MethodNotAllowed, NoRoute
+
+if TYPE_CHECKING:  # mirror
+    from sidecar.config.model import MirrorConfig
 
 
 def _fingerprint(*parts: object) -> str:
@@ -54,6 +59,57 @@ class BackendPlan:
         )
 
 
+# --- mirror (shadow mode, issue 5) ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorPlan:
+    """One `routes[].mirror[]` entry, compiled: what shell/mirror.py reads per request."""
+
+    route: str
+    backend: str
+    key: tuple[str, str]              # (route, backend): the Mirrors stats key, survives reloads
+    threshold: float                  # percent / 100: mirrored when rng() or the key's hash is below
+    key_header: str | None            # lower-case
+    methods: frozenset[str]
+    timeout_s: float
+    max_inflight: int
+    max_body_bytes: int | None        # None: any body the route accepts (limits.max_body_bytes)
+    compare_path: JsonPath | None     # None: no comparison, the shadow's answer is discarded
+    tolerance: float
+    rel_tolerance: float
+    window: int
+    # paths redacted from both answers before a disagreement is kept (the monitor's
+    # `log.redact` once it exists; SPEC 5 "redacted as the sample log is")
+    redact: tuple[JsonPath, ...]
+    compare_fingerprint: str          # a change resets the agreement window on reload
+
+    @classmethod
+    def build(cls, route: str, cfg: MirrorConfig, backends: Mapping[str, BackendPlan],
+              redact: tuple[JsonPath, ...] = ()) -> MirrorPlan:
+        c = cfg.compare
+        return cls(
+            route=route,
+            backend=cfg.backend,
+            key=(route, cfg.backend),
+            threshold=cfg.percent / 100.0,
+            key_header=cfg.key.header if cfg.key else None,
+            methods=frozenset(cfg.methods),
+            timeout_s=cfg.timeout if cfg.timeout is not None else backends[cfg.backend].timeout_s,
+            max_inflight=cfg.max_inflight,
+            max_body_bytes=cfg.max_body_bytes,
+            compare_path=compile_path(c.path) if c else None,
+            tolerance=c.tolerance if c else 0.0,
+            rel_tolerance=c.rel_tolerance if c else 0.0,
+            window=c.window if c else 1,
+            redact=redact,
+            compare_fingerprint=_fingerprint(c.model_dump(mode="json") if c else None, [p.text for p in redact]),
+        )
+
+
+# --- end mirror ------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True, slots=True)
 class RoutePlan:
     name: str
@@ -66,6 +122,7 @@ class RoutePlan:
     override_header: str | None
     timeout_s: float
     fingerprint: str
+    mirrors: tuple[MirrorPlan, ...] = ()   # mirror: shadows, in config order
 
     @classmethod
     def build(cls, cfg: RouteConfig, backends: Mapping[str, BackendPlan]) -> RoutePlan:
@@ -81,6 +138,7 @@ class RoutePlan:
             timeout_s=cfg.timeout,
             # a route changes when its own section or a backend it uses changes (SPEC 8)
             fingerprint=_fingerprint(cfg.model_dump(mode="json"), [backends[b].fingerprint for b in cfg.split]),
+            mirrors=tuple(MirrorPlan.build(cfg.name, m, backends) for m in cfg.mirror),  # mirror
         )
 
     def backend_index(self, name: str) -> int | None:

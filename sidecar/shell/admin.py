@@ -38,10 +38,17 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST})
 
 
+async def mirrors(request: web.Request) -> web.Response:
+    """GET /admin/mirrors: per route and shadow, see shell/mirror.py `Mirrors.status_json` (issue 5)."""
+    sidecar = request.app[SIDECAR_KEY]
+    return web.json_response({"mirrors": sidecar.mirrors.status_json(sidecar.proxy.runtime.plan)})
+
+
 def build_admin_app(sidecar: Sidecar) -> web.Application:
     app = web.Application()
     app[SIDECAR_KEY] = sidecar
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/admin/mirrors", mirrors)  # mirror
     return app

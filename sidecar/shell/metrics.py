@@ -173,6 +173,13 @@ class Metrics:
             self.access_log_dropped, self.stream_broken, self.client_disconnects, self.inflight,
             self.route_weight, self.config_info,
         ]
+        # mirror: shadow copies (shell/mirror.py documents the outcome values)
+        self.mirror_requests = CounterFamily(
+            "mirror_requests_total", "Mirrored (or not mirrored by a rule) requests, by route, shadow and outcome.",
+            ("route", "backend", "outcome"))
+        self.mirror_agreement = CallbackGauge(
+            "mirror_agreement_ratio", "Rolling share (0-1) of compared mirror requests whose answers agree.", rb)
+        self.families += [self.mirror_requests, self.mirror_agreement]
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_SidecarCollector(self))
         ProcessCollector(registry=self.registry)

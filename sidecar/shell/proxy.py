@@ -46,6 +46,7 @@ from sidecar.errors import (
 )
 from sidecar.shell.accesslog import AccessLog
 from sidecar.shell.metrics import Cell, HistCell, Metrics
+from sidecar.shell.mirror import Mirrors
 from sidecar.shell.runtime import Runtime
 from sidecar.shell.upstream import Answer, UpstreamFailure
 
@@ -140,9 +141,11 @@ def trace_id(traceparent: str | None) -> str | None:
 class Proxy:
     """The request handler of the main listener (an aiohttp low-level `web.Server` handler)."""
 
-    def __init__(self, runtime: Runtime, access_log: AccessLog, rng: Callable[[], float]) -> None:
+    def __init__(self, runtime: Runtime, access_log: AccessLog, rng: Callable[[], float],
+                 mirrors: Mirrors | None = None) -> None:
         self.runtime = runtime
         self.access_log = access_log
+        self.mirrors = mirrors if mirrors is not None else Mirrors(runtime.metrics, rng, runtime.plan)  # mirror
         self.inflight = 0
         self.closing = False            # set after drain.delay: answers carry Connection: close
         self._idle: asyncio.Event | None = None  # created only while someone waits for idle
@@ -204,6 +207,8 @@ class Proxy:
         ex.backend = backend
         pool = rt.pools[backend]
         headers = self._upstream_headers(request, ex)
+        # mirror: which shadows get a copy; started below once the primary answer is known
+        mirror = self.mirrors.select(route, rt, request, ex.request_id, headers, body) if route.mirrors else None
         now = asyncio.get_running_loop().time()
         ex.deadline = now - (perf_counter() - ex.t0) + route.timeout_s
         try_deadline = min(ex.deadline, now + pool.plan.timeout_s)
@@ -211,8 +216,11 @@ class Proxy:
         t_try = perf_counter()
         try:
             answer = await pool.attempt(request.method, request.raw_path, headers, body,
-                                        try_deadline, try_deadline)
+                                        try_deadline, try_deadline,
+                                        buffer_limit=None if mirror is None else mirror.buffer_limit)  # mirror
         except UpstreamFailure as f:
+            if mirror is not None:  # mirror: the shadows get the request though the primary failed
+                mirror.send(None)
             ex.upstream_s = perf_counter() - t_try
             ex.error = str(f.outcome)
             if f.outcome is Outcome.TIMEOUT:
@@ -223,6 +231,8 @@ class Proxy:
         self.cells(route.name, backend).ttfb.observe(ttfb)
         if classify_status(answer.status) is Outcome.SERVER_ERROR:
             ex.error = "5xx"
+        if mirror is not None:  # mirror: the primary answered (body None when it is streamed)
+            mirror.send(answer.body)
         return await self._respond(request, answer, ex, rt)
 
     async def _read_body(self, request: web.BaseRequest, rt: Runtime) -> bytes:

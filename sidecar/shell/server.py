@@ -28,6 +28,7 @@ from sidecar.config.plan import Plan
 from sidecar.shell.accesslog import AccessLog
 from sidecar.shell.admin import build_admin_app
 from sidecar.shell.metrics import Metrics
+from sidecar.shell.mirror import Mirrors
 from sidecar.shell.proxy import Proxy
 from sidecar.shell.runtime import Runtime
 
@@ -53,7 +54,8 @@ class Sidecar:
         self.metrics = Metrics()
         plan = Plan.build(loaded)
         self.access_log = AccessLog(self.metrics.access_log_dropped.labels(), access_log_fd)
-        self.proxy = Proxy(Runtime.build(plan, self.metrics), self.access_log, random.random)
+        self.mirrors = Mirrors(self.metrics, random.random, plan)  # mirror: owns shadow tasks and stats
+        self.proxy = Proxy(Runtime.build(plan, self.metrics), self.access_log, random.random, self.mirrors)
         self.ready = asyncio.Event()
         self.draining = False
         self.proxy_port = 0
@@ -116,6 +118,7 @@ class Sidecar:
                 loop.remove_signal_handler(signal.SIGINT)
             await proxy_runner.cleanup()
             await admin_runner.cleanup()
+            await self.mirrors.drain(0)  # mirror: none may outlive the pools (no-op after _drain)
             await self.proxy.runtime.close()
         log.info("stopped (exit code %d)", code)
         return code
@@ -127,6 +130,7 @@ class Sidecar:
         self.proxy.closing = True
         await proxy_site.stop()          # no new connections
         proxy_server.pre_shutdown()      # idle keep-alive connections close, busy ones after their answer
+        grace_end = asyncio.get_running_loop().time() + drain.grace  # mirror: mirrors share the grace
         try:
             async with asyncio.timeout(drain.grace):
                 await self.proxy.wait_idle()
@@ -134,4 +138,6 @@ class Sidecar:
             log.error("drain: %d requests still in flight after %.1fs grace; cutting them",
                       self.proxy.inflight, drain.grace)
             return 1
+        finally:  # mirror: mirrors in flight get the rest of the grace, then are cancelled
+            await self.mirrors.drain(grace_end - asyncio.get_running_loop().time())
         return 0
