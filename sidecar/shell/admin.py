@@ -38,10 +38,16 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST})
 
 
+async def drift(request: web.Request) -> web.Response:
+    """Issue 6: per route, backend and feature, the last drift pass (shell/monitor.py)."""
+    return web.json_response(request.app[SIDECAR_KEY].proxy.runtime.monitor.drift_json())
+
+
 def build_admin_app(sidecar: Sidecar) -> web.Application:
     app = web.Application()
     app[SIDECAR_KEY] = sidecar
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/admin/drift", drift)  # issue 6
     return app
