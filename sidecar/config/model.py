@@ -260,6 +260,14 @@ class MonitorConfig(_Model):
     drift: DriftConfig = Field(default_factory=DriftConfig)
     log: SampleLogConfig | None = None
 
+    @model_validator(mode="after")
+    def _warmup_covers_min_samples(self) -> MonitorConfig:
+        ref = self.reference
+        if ref is not None and ref.warmup is not None and ref.warmup < self.drift.min_samples:
+            raise ValueError(f"reference.warmup ({ref.warmup}) must be at least drift.min_samples "
+                             f"({self.drift.min_samples}), or no verdict is ever reached")
+        return self
+
 # --- end monitor ----------------------------------------------------------------------------
 
 

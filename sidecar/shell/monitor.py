@@ -52,6 +52,7 @@ from sidecar.core.drift import DriftResult, judge
 from sidecar.core.jsonpath import redact_all
 from sidecar.core.window import FeatureWindow, LatencySummary, LatencyWindow, as_category, as_number
 from sidecar.shell.metrics import Metrics
+from sidecar.shell.reference import REDACTED
 from sidecar.shell.samplelog import SampleLog
 
 log = logging.getLogger("sidecar.monitor")
@@ -380,8 +381,8 @@ class Monitor:
                 st.log.put({
                     "time": _iso(wall), "request_id": request_id, "route": m.route, "backend": backend,
                     "status": status,
-                    "request": None if req_doc is _NOT_JSON else redact_all(req_doc, redact),
-                    "response": None if resp_doc is _NOT_JSON else redact_all(resp_doc, redact),
+                    "request": None if req_doc is _NOT_JSON else redact_all(req_doc, redact, REDACTED),
+                    "response": None if resp_doc is _NOT_JSON else redact_all(resp_doc, redact, REDACTED),
                 })
         return dict(self._w_samples), dict(self._w_missing)
 
