@@ -24,7 +24,6 @@ import orjson
 from sidecar.config.plan import Plan
 from sidecar.core.window import as_category, as_number
 
-
 REDACTED: Final = "[redacted]"  # what shell/monitor.py writes in place of a redacted value
 
 

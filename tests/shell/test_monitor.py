@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,15 @@ async def wait_rows(client: aiohttp.ClientSession, sc: Sidecar, want: set[tuple[
             if all(k in rows and rows[k]["status"] == "ok" for k in want):
                 return rows
             await asyncio.sleep(0.05)
+
+
+async def eventually(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Wait for a condition a worker thread makes true (threads cannot set asyncio Events)."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            if cond():
+                return
+            await asyncio.sleep(0.02)
 
 
 async def metrics_text(client: aiohttp.ClientSession, sc: Sidecar) -> str:
@@ -283,7 +293,7 @@ def test_config_errors_name_their_place(monitor_cfg, place, text):
 async def test_statistics_survive_reload_of_unchanged_routes(models, make_sidecar: MakeSidecar, client):
     """A reload keeps windows of unchanged routes and backends and drops those whose config changed."""
     stable, canary = await models(0.0), await models(2.5)
-    base = {
+    base: dict[str, Any] = {
         "backends": {"stable": {"url": stable.url}, "canary": {"url": canary.url}},
         "routes": [{"name": "fraud", "match": {"path_prefix": "/v1/models/fraud"},
                     "split": {"stable": 1, "canary": 1}, "monitor": monitor()},
@@ -337,9 +347,7 @@ async def test_sample_log_and_reference_command(models, make_sidecar: MakeSideca
     await mon.tick(asyncio.get_running_loop())
     sample_log = mon.sample_log("fraud")
     assert sample_log is not None
-    async with asyncio.timeout(5):
-        while sample_log.written < 20:
-            await asyncio.sleep(0.02)
+    await eventually(lambda: sample_log.written >= 20)
     lines = [orjson.loads(line) for line in log_path.read_bytes().splitlines()]
     assert len(lines) == 20
     first = lines[0]
@@ -382,9 +390,7 @@ async def test_unwritable_sample_log_is_counted_and_proxy_serves(upstreams, make
     await mon.tick(asyncio.get_running_loop())
     sample_log = mon.sample_log("r")
     assert sample_log is not None
-    async with asyncio.timeout(5):
-        while sample_log.dropped_total < 10:
-            await asyncio.sleep(0.02)
+    await eventually(lambda: sample_log.dropped_total >= 10)
     text = await metrics_text(client, sc)
     assert (sample_value(text, "sidecar_sample_log_errors_total", route="r") or 0) >= 1
     assert sample_value(text, "sidecar_sample_log_dropped_total", route="r") == 10.0
