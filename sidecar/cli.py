@@ -127,7 +127,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_reference(args: argparse.Namespace) -> int:
     """Issue 6: build a drift reference file from sample log lines (docs/monitoring.md)."""
     from sidecar.config.plan import Plan
-    from sidecar.shell.reference import ReferenceError, build_reference
+    from sidecar.shell.reference import ReferenceBuildError, build_reference
 
     path = _config_path(args)
     try:
@@ -138,7 +138,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
         return 1
     try:
         counts = build_reference(plan, args.route, args.log, args.output, backend=args.backend)
-    except ReferenceError as e:
+    except ReferenceBuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{args.output}: " + ", ".join(f"{name} ({n} values)" for name, n in counts.items()))

@@ -27,7 +27,7 @@ from sidecar.core.window import as_category, as_number
 REDACTED: Final = "[redacted]"  # what shell/monitor.py writes in place of a redacted value
 
 
-class ReferenceError(Exception):
+class ReferenceBuildError(Exception):
     """The reference cannot be built (unknown route, no features, unreadable log)."""
 
 
@@ -36,12 +36,12 @@ def build_reference(plan: Plan, route: str, logs: Sequence[str | Path], output: 
     """Write the reference file; return the number of values per feature."""
     r = plan.routes_by_name.get(route)
     if r is None:
-        raise ReferenceError(f"unknown route {route!r} (known: {', '.join(plan.routes_by_name)})")
+        raise ReferenceBuildError(f"unknown route {route!r} (known: {', '.join(plan.routes_by_name)})")
     m = r.monitor
     if m is None or not m.features:
-        raise ReferenceError(f"route {route!r} has no monitor features")
+        raise ReferenceBuildError(f"route {route!r} has no monitor features")
     if backend is not None and backend not in r.backends:
-        raise ReferenceError(f"backend {backend!r} is not in route {route!r}'s split")
+        raise ReferenceBuildError(f"backend {backend!r} is not in route {route!r}'s split")
     values: dict[str, list[Any]] = {f.name: [] for f in m.features}
     for log_path in logs:
         try:
@@ -70,12 +70,12 @@ def build_reference(plan: Plan, route: str, logs: Sequence[str | Path], output: 
                         values[f.name].extend(x for x in map(convert, f.path.find(doc))
                                               if x is not None and x != REDACTED)
         except OSError as e:
-            raise ReferenceError(f"cannot read {log_path}: {e.strerror or e}") from None
+            raise ReferenceBuildError(f"cannot read {log_path}: {e.strerror or e}") from None
     out = Path(output)
     tmp = out.with_name(out.name + ".tmp")
     try:
         tmp.write_bytes(orjson.dumps(values))
         os.replace(tmp, out)
     except OSError as e:
-        raise ReferenceError(f"cannot write {out}: {e.strerror or e}") from None
+        raise ReferenceBuildError(f"cannot write {out}: {e.strerror or e}") from None
     return {name: len(v) for name, v in values.items()}
