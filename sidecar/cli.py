@@ -124,6 +124,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _run_loop(run_demo(seconds=args.seconds))
 
 
+def cmd_reference(args: argparse.Namespace) -> int:
+    """Issue 6: build a drift reference file from sample log lines (docs/monitoring.md)."""
+    from sidecar.config.plan import Plan
+    from sidecar.shell.reference import ReferenceBuildError, build_reference
+
+    path = _config_path(args)
+    try:
+        plan = Plan.build(load_config(path))
+    except ConfigError as e:
+        for issue in e.issues:
+            print(f"  {issue}", file=sys.stderr)
+        return 1
+    try:
+        counts = build_reference(plan, args.route, args.log, args.output, backend=args.backend)
+    except ReferenceBuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.output}: " + ", ".join(f"{name} ({n} values)" for name, n in counts.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sidecar", description="A traffic manager for ML model servers.")
     p.add_argument("--version", action="version", version=f"model-sidecar {__version__}")
@@ -141,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sch = sub.add_parser("schema", help="print the config file's JSON Schema")
     sch.set_defaults(func=cmd_schema)
+
+    ref = sub.add_parser("reference", help="build a drift reference file from a sample log (issue 6)")
+    ref.add_argument("-c", "--config")
+    ref.add_argument("--log", action="append", required=True, help="sample log file(s), JSON lines")
+    ref.add_argument("--route", required=True)
+    ref.add_argument("--backend", help="only lines of this backend (default: all)")
+    ref.add_argument("-o", "--output", required=True)
+    ref.set_defaults(func=cmd_reference)
 
     demo = sub.add_parser("demo", help="start example model servers and the sidecar, drive traffic, show it")
     demo.add_argument("--seconds", type=float, default=8.0)

@@ -202,6 +202,7 @@ class StickyConfig(_Model):
 
 
 # --- mirror (shadow mode, issue 5) ----------------------------------------------------------
+# --- monitor (issue 6): payload sampling, drift, sample log --------------------------------
 
 
 def _check_json_path(value: str) -> str:
@@ -239,6 +240,65 @@ class MirrorConfig(_Model):
 
 
 # --- end mirror ------------------------------------------------------------------------------
+_FEATURE_NAME = r"^[A-Za-z0-9_.-]+$"
+
+
+class FeatureConfig(_Model):
+    model_config = ConfigDict(extra="forbid", frozen=True, serialize_by_alias=True)
+    source: Literal["request", "response"] = Field(alias="from", description="which body the path reads")
+    path: JsonPathText = Field(description="JSON path; every value it finds is one sample")
+    kind: Literal["numeric", "categorical"] = "numeric"
+
+
+class ReferenceConfig(_Model):
+    backend: str | None = Field(default=None, description="compare with this backend of the route's split")
+    file: str | None = Field(default=None, description='JSON {"feature": [values, ...]}, relative to the config')
+    warmup: int | None = Field(default=None, ge=1, le=1_000_000, description="each backend's own first N samples")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ReferenceConfig:
+        given = [k for k in ("backend", "file", "warmup") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of backend, file, warmup (got {', '.join(given) or 'none'})")
+        return self
+
+
+class DriftConfig(_Model):
+    numeric: Literal["ks"] = "ks"
+    categorical: Literal["chi2"] = "chi2"
+    p_value: float = Field(default=0.01, gt=0, le=1, description="significant when the p-value is under this")
+    psi: float = Field(default=0.2, ge=0, description="material when PSI is over this; 0: p-value alone")
+    min_samples: int = Field(default=200, ge=1, description="per side, before any verdict")
+    every: Seconds = Field(default=10.0, description="how often drift is computed (in a worker thread)")
+
+
+class SampleLogConfig(_Model):
+    path: str = Field(min_length=1, description="JSONL file, relative to the config file's folder")
+    sample: float | None = Field(default=None, ge=0, le=1,
+                                 description="share of all requests logged; default: monitor.sample")
+    redact: list[JsonPathText] = Field(default_factory=list, description="paths replaced by \"[redacted]\"")
+    max_bytes: ByteSize = Field(default=100 * 1024**2, ge=1024, description="rotate past this size")
+    keep: int = Field(default=5, ge=0, le=1000, description="rotated files kept: path.1 ... path.N")
+
+
+class MonitorConfig(_Model):
+    sample: float = Field(default=0.1, ge=0, le=1, description="share of requests whose payloads are sampled")
+    window: int = Field(default=2000, ge=10, le=1_000_000, description="samples kept per (route, backend, feature)")
+    features: dict[Annotated[str, Field(pattern=_FEATURE_NAME, max_length=64)], FeatureConfig] = Field(
+        default_factory=dict)
+    reference: ReferenceConfig | None = Field(default=None, description="without one, no drift is computed")
+    drift: DriftConfig = Field(default_factory=DriftConfig)
+    log: SampleLogConfig | None = None
+
+    @model_validator(mode="after")
+    def _warmup_covers_min_samples(self) -> MonitorConfig:
+        ref = self.reference
+        if ref is not None and ref.warmup is not None and ref.warmup < self.drift.min_samples:
+            raise ValueError(f"reference.warmup ({ref.warmup}) must be at least drift.min_samples "
+                             f"({self.drift.min_samples}), or no verdict is ever reached")
+        return self
+
+# --- end monitor ----------------------------------------------------------------------------
 
 
 class RouteConfig(_Model):
@@ -249,6 +309,7 @@ class RouteConfig(_Model):
     override_header: HeaderName | None = None
     timeout: Seconds = Field(default=15.0, description="whole-request deadline until the answer starts")
     mirror: list[MirrorConfig] = Field(default_factory=list)  # mirror: shadow copies (issue 5)
+    monitor: MonitorConfig | None = None  # issue 6
 
 
 class Config(_Model):
@@ -267,6 +328,7 @@ class Config(_Model):
         known = list(self.backends)
         known_text = ", ".join(known)
         seen: dict[str, int] = {}
+        log_paths: dict[str, str] = {}  # issue 6: sample log path -> place of its first use
         for i, route in enumerate(self.routes):
             place = f"routes[{i}]"
             if route.name in seen:
@@ -283,9 +345,29 @@ class Config(_Model):
                           for j, m in enumerate(route.mirror) if m.backend not in self.backends)
             issues.extend(ConfigIssue(f"{place}.mirror[{j}].backend", f"backend {m.backend!r} is mirrored twice")
                           for j, m in enumerate(route.mirror) if any(n.backend == m.backend for n in route.mirror[:j]))
+            issues.extend(_monitor_issues(place, route, log_paths))  # issue 6
         if issues:
             raise ReferenceErrors(issues)
         return self
+
+
+def _monitor_issues(place: str, route: RouteConfig, log_paths: dict[str, str]) -> list[ConfigIssue]:
+    """Issue 6: a reference backend must be in the route's split; sample log paths are unique."""
+    mon = route.monitor
+    if mon is None:
+        return []
+    issues: list[ConfigIssue] = []
+    ref = mon.reference
+    if ref is not None and ref.backend is not None and ref.backend not in route.split:
+        issues.append(ConfigIssue(f"{place}.monitor.reference.backend",
+                                  f"backend {ref.backend!r} is not in the route's split "
+                                  f"(split: {', '.join(route.split)})"))
+    if mon.log is not None:
+        if mon.log.path in log_paths:
+            issues.append(ConfigIssue(f"{place}.monitor.log.path",
+                                      f"sample log {mon.log.path!r} is already used by {log_paths[mon.log.path]}"))
+        log_paths.setdefault(mon.log.path, f"{place}.monitor.log.path")
+    return issues
 
 
 class ReferenceErrors(Exception):

@@ -10,14 +10,24 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING  # mirror
+from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import orjson
 
 from sidecar.config.load import LoadedConfig
-from sidecar.config.model import BackendConfig, Config, DrainConfig, LimitsConfig, RouteConfig, split_listen
-from sidecar.core.jsonpath import JsonPath, compile_path  # mirror
+from sidecar.config.model import (
+    BackendConfig,
+    Config,
+    DrainConfig,
+    LimitsConfig,
+    MonitorConfig,
+    RouteConfig,
+    split_listen,
+)
+from sidecar.core.drift import DriftPolicy
+from sidecar.core.jsonpath import JsonPath, compile_path
 from sidecar.core.split import Split
 from sidecar.errors import MethodNotAllowed, NoRoute
 
@@ -108,6 +118,87 @@ class MirrorPlan:
 
 
 # --- end mirror ------------------------------------------------------------------------------
+# --- monitor (issue 6) ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FeaturePlan:
+    name: str
+    source: str              # "request" | "response"
+    path: JsonPath
+    categorical: bool
+    signature: str           # what a window of this feature depends on; changed -> window dropped
+
+
+@dataclass(frozen=True, slots=True)
+class SampleLogPlan:
+    path: Path               # absolute: relative paths resolved against the config file's folder
+    sample: float            # share of ALL requests logged
+    redact: tuple[JsonPath, ...]
+    max_bytes: int
+    keep: int
+    fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorPlan:
+    """A route's `monitor` section, compiled. One rng draw u per request: u < draw_below reads
+    the payloads whole; of those, u < sample feeds the statistics and u < log.sample the log."""
+
+    route: str
+    sample: float
+    draw_below: float
+    window: int
+    features: tuple[FeaturePlan, ...]
+    request_features: tuple[FeaturePlan, ...]
+    response_features: tuple[FeaturePlan, ...]
+    reference_kind: str | None             # "backend" | "file" | "warmup" | None (no drift)
+    reference_backend: str | None
+    reference_file: Path | None
+    reference_warmup: int | None
+    policy: DriftPolicy
+    every_s: float
+    log: SampleLogPlan | None
+    fingerprint: str
+
+    @classmethod
+    def build(cls, route: str, cfg: MonitorConfig, base_dir: Path) -> MonitorPlan:
+        ref = cfg.reference
+        ref_kind = None if ref is None else ("backend" if ref.backend is not None
+                                             else "file" if ref.file is not None else "warmup")
+        ref_dump = None if ref is None else ref.model_dump(mode="json")
+        features = tuple(
+            FeaturePlan(name=name, source=f.source, path=compile_path(f.path), categorical=f.kind == "categorical",
+                        signature=_fingerprint(f.model_dump(mode="json"), cfg.window, ref_dump))
+            for name, f in cfg.features.items())
+        log = None
+        if cfg.log is not None:
+            lc = cfg.log
+            log_sample = cfg.sample if lc.sample is None else lc.sample
+            log = SampleLogPlan(path=base_dir / lc.path, sample=log_sample,
+                                redact=tuple(compile_path(p) for p in lc.redact), max_bytes=lc.max_bytes,
+                                keep=lc.keep, fingerprint=_fingerprint(lc.model_dump(mode="json"), str(base_dir)))
+        d = cfg.drift
+        return cls(
+            route=route,
+            sample=cfg.sample,
+            draw_below=max(cfg.sample, log.sample if log is not None else 0.0),
+            window=cfg.window,
+            features=features,
+            request_features=tuple(f for f in features if f.source == "request"),
+            response_features=tuple(f for f in features if f.source == "response"),
+            reference_kind=ref_kind,
+            reference_backend=ref.backend if ref is not None else None,
+            reference_file=base_dir / ref.file if ref is not None and ref.file is not None else None,
+            reference_warmup=ref.warmup if ref is not None else None,
+            policy=DriftPolicy(numeric_test=d.numeric, categorical_test=d.categorical, p_value=d.p_value,
+                               psi=d.psi, min_samples=d.min_samples),
+            every_s=d.every,
+            log=log,
+            fingerprint=_fingerprint(cfg.model_dump(mode="json"), str(base_dir)),
+        )
+
+# --- end monitor ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,9 +214,15 @@ class RoutePlan:
     timeout_s: float
     fingerprint: str
     mirrors: tuple[MirrorPlan, ...] = ()   # mirror: shadows, in config order
+    monitor: MonitorPlan | None = None     # issue 6
 
     @classmethod
-    def build(cls, cfg: RouteConfig, backends: Mapping[str, BackendPlan]) -> RoutePlan:
+    def build(cls, cfg: RouteConfig, backends: Mapping[str, BackendPlan],
+              base_dir: Path | None = None) -> RoutePlan:
+        monitor = (MonitorPlan.build(cfg.name, cfg.monitor, base_dir or Path.cwd())
+                   if cfg.monitor is not None else None)
+        # disagreements kept by mirrors are redacted as the sample log is (SPEC 5)
+        redact = monitor.log.redact if monitor is not None and monitor.log is not None else ()
         return cls(
             name=cfg.name,
             path_prefix=cfg.match.path_prefix,
@@ -138,8 +235,15 @@ class RoutePlan:
             timeout_s=cfg.timeout,
             # a route changes when its own section or a backend it uses changes (SPEC 8)
             fingerprint=_fingerprint(cfg.model_dump(mode="json"), [backends[b].fingerprint for b in cfg.split]),
-            mirrors=tuple(MirrorPlan.build(cfg.name, m, backends) for m in cfg.mirror),  # mirror
+            mirrors=tuple(MirrorPlan.build(cfg.name, m, backends, redact) for m in cfg.mirror),
+            monitor=monitor,
         )
+
+    @property
+    def redact_paths(self) -> tuple[JsonPath, ...]:
+        """Issue 6: the sample log's redact paths; mirrors apply them to disagreements too."""
+        m = self.monitor
+        return m.log.redact if m is not None and m.log is not None else ()
 
     def backend_index(self, name: str) -> int | None:
         try:
@@ -167,7 +271,8 @@ class Plan:
     def build(cls, loaded: LoadedConfig) -> Plan:
         cfg = loaded.config
         backends = {name: BackendPlan.build(name, b) for name, b in cfg.backends.items()}
-        routes = tuple(RoutePlan.build(r, backends) for r in cfg.routes)
+        base_dir = loaded.path.parent if loaded.path is not None else Path.cwd()  # issue 6: SPEC 8 paths
+        routes = tuple(RoutePlan.build(r, backends, base_dir) for r in cfg.routes)
         return cls(
             config=cfg,
             version=loaded.version,

@@ -42,6 +42,9 @@ async def mirrors(request: web.Request) -> web.Response:
     """GET /admin/mirrors: per route and shadow, see shell/mirror.py `Mirrors.status_json` (issue 5)."""
     sidecar = request.app[SIDECAR_KEY]
     return web.json_response({"mirrors": sidecar.mirrors.status_json(sidecar.proxy.runtime.plan)})
+async def drift(request: web.Request) -> web.Response:
+    """Issue 6: per route, backend and feature, the last drift pass (shell/monitor.py)."""
+    return web.json_response(request.app[SIDECAR_KEY].proxy.runtime.monitor.drift_json())
 
 
 def build_admin_app(sidecar: Sidecar) -> web.Application:
@@ -51,4 +54,5 @@ def build_admin_app(sidecar: Sidecar) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/mirrors", mirrors)  # mirror
+    app.router.add_get("/admin/drift", drift)  # issue 6
     return app

@@ -141,6 +141,18 @@ class CallbackGauge:
         return m
 
 
+class CallbackCounter(CallbackGauge):
+    """A counter whose samples are read from live state at scrape time (issue 6)."""
+
+    __slots__ = ()
+
+    def collect(self) -> Metric:
+        m = CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
+        for values, value in self.read():
+            m.add_metric(values, value)
+        return m
+
+
 class Metrics:
     """The sidecar's metric families. One instance per process (tests: one per sidecar)."""
 
@@ -180,6 +192,39 @@ class Metrics:
         self.mirror_agreement = CallbackGauge(
             "mirror_agreement_ratio", "Rolling share (0-1) of compared mirror requests whose answers agree.", rb)
         self.families += [self.mirror_requests, self.mirror_agreement]
+        # --- monitor (issue 6): read from shell/monitor.py's published snapshots at scrape time
+        rbf = ("route", "backend", "feature")
+        self.drift_statistic = CallbackGauge(
+            "drift_statistic", "Last drift pass: KS statistic (test=ks), chi-square statistic (test=chi2) "
+            "and PSI (test=psi) of a feature against its reference.", (*rbf, "test"))
+        self.drift_p_value = CallbackGauge(
+            "drift_p_value", "Last drift pass: p-value of the feature's test (ks or chi2).", (*rbf, "test"))
+        self.drift_detected = CallbackGauge(
+            "drift_detected", "1 when the feature drifted (p-value under p_value and PSI over psi), else 0.", rbf)
+        self.route_latency = CallbackGauge(
+            "route_latency_seconds", "Latency percentiles over the last 2048 requests of a route and backend.",
+            ("route", "backend", "quantile"))
+        self.route_error_ratio = CallbackGauge(
+            "route_error_ratio", "Failed share (5xx, broken streams) of the last 2048 requests of a route and "
+            "backend.", rb)
+        self.monitor_samples = CallbackCounter(
+            "monitor_samples_total", "Sampled exchanges whose features were extracted.", rb)
+        self.monitor_missing = CallbackCounter(
+            "monitor_missing_total", "Feature samples missing: the path found nothing, the value had the wrong "
+            "type, or the body was not JSON.", rbf)
+        self.monitor_dropped = CallbackCounter(
+            "monitor_dropped_total", "Sampled exchanges dropped because the monitor worker fell behind.",
+            ("route",))
+        self.sample_log_lines = CallbackCounter("sample_log_lines_total", "Lines written to the sample log.",
+                                                ("route",))
+        self.sample_log_dropped = CallbackCounter(
+            "sample_log_dropped_total", "Sample log lines lost: queue full or a failed write.", ("route",))
+        self.sample_log_errors = CallbackCounter(
+            "sample_log_errors_total", "Failed sample log file operations (disk full, read-only, ...).", ("route",))
+        self.families += [self.drift_statistic, self.drift_p_value, self.drift_detected, self.route_latency,
+                          self.route_error_ratio, self.monitor_samples, self.monitor_missing, self.monitor_dropped,
+                          self.sample_log_lines, self.sample_log_dropped, self.sample_log_errors]
+        # --- end monitor
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_SidecarCollector(self))
         ProcessCollector(registry=self.registry)

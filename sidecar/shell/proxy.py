@@ -214,10 +214,14 @@ class Proxy:
         try_deadline = min(ex.deadline, now + pool.plan.timeout_s)
         ex.attempts += 1
         t_try = perf_counter()
+        # issue 6: one draw decides sampling; a sampled answer is read whole (up to max_body_bytes)
+        draw = rt.monitor.draw(route)
+        buffer_limit = None if mirror is None else mirror.buffer_limit
+        if draw is not None:
+            buffer_limit = max(rt.plan.limits.max_body_bytes, rt.plan.limits.buffer_response_bytes)
         try:
             answer = await pool.attempt(request.method, request.raw_path, headers, body,
-                                        try_deadline, try_deadline,
-                                        buffer_limit=None if mirror is None else mirror.buffer_limit)  # mirror
+                                        try_deadline, try_deadline, buffer_limit)
         except UpstreamFailure as f:
             if mirror is not None:  # mirror: the shadows get the request though the primary failed
                 mirror.send(None)
@@ -227,6 +231,8 @@ class Proxy:
                 raise UpstreamTimeout(f"backend {backend!r} did not answer in time") from None
             raise UpstreamError(f"backend {backend!r} failed: {f.detail}") from None
         ttfb = ex.upstream_s = perf_counter() - t_try
+        if draw is not None:  # issue 6: hand the payloads over; the monitor parses them off the loop
+            rt.monitor.offer(route, backend, ex.request_id, body, answer.status, answer.body, draw)
         ex.ttfb_s = ttfb
         self.cells(route.name, backend).ttfb.observe(ttfb)
         if classify_status(answer.status) is Outcome.SERVER_ERROR:
@@ -352,6 +358,8 @@ class Proxy:
         cells.code(resp.status).value += 1
         duration = now - ex.t0
         cells.duration.observe(duration)
+        if ex.backend:  # issue 6: rolling latency and errors, every request that reached a backend
+            rt.monitor.record(route, ex.backend, duration, resp.status, ex.error)
         if rt.plan.access_log:
             self.access_log.add((
                 time.time(), ex.request_id, request.method, request.path, route, ex.backend, resp.status,

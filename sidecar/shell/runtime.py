@@ -15,13 +15,15 @@ from collections.abc import Iterator
 from sidecar.config.plan import Plan
 from sidecar.core.split import Split
 from sidecar.shell.metrics import Metrics
+from sidecar.shell.monitor import Monitor
 from sidecar.shell.upstream import UpstreamPool
 
 
 class Runtime:
-    __slots__ = ("metrics", "plan", "pools", "route_pools", "splits")
+    __slots__ = ("metrics", "monitor", "plan", "pools", "route_pools", "splits")
 
-    def __init__(self, plan: Plan, metrics: Metrics, pools: dict[str, UpstreamPool]) -> None:
+    def __init__(self, plan: Plan, metrics: Metrics, pools: dict[str, UpstreamPool],
+                 monitor: Monitor | None = None) -> None:
         self.plan = plan
         self.metrics = metrics
         self.pools = pools
@@ -30,6 +32,9 @@ class Runtime:
         # each route's pools in split order, to judge availability without name lookups
         self.route_pools: dict[str, tuple[UpstreamPool, ...]] = {
             r.name: tuple(pools[b] for b in r.backends) for r in plan.routes}
+        # issue 6: one Monitor per process, carried across reloads; it keeps unchanged windows
+        self.monitor = monitor if monitor is not None else Monitor(metrics)
+        self.monitor.apply(plan)
 
     def available(self, route: str) -> list[bool] | None:
         """Which of a route's backends may take a new request; None when all may (fast path)."""
@@ -48,7 +53,7 @@ class Runtime:
                 pools[name] = old
             else:
                 pools[name] = UpstreamPool(backend, plan.limits.buffer_response_bytes)
-        rt = cls(plan, metrics, pools)
+        rt = cls(plan, metrics, pools, previous.monitor if previous is not None else None)  # issue 6
         metrics.inflight.read = rt._inflight_samples
         metrics.route_weight.read = rt._weight_samples
         metrics.config_info.read = lambda: [((plan.version,), 1.0)]

@@ -105,6 +105,7 @@ class Sidecar:
             await web.SockSite(admin_runner, admin_sock).start()
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self.access_log.run(), name="access-log")]
+                tasks.append(tg.create_task(self.proxy.runtime.monitor.run(), name="monitor"))  # issue 6
                 self.ready.set()
                 log.info("serving on %s:%d, admin on %s:%d, config %s",
                          plan.listen[0], self.proxy_port, plan.admin_listen[0], self.admin_port, plan.version)
