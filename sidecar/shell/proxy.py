@@ -3,9 +3,15 @@
     admit      load shedding at limits.max_inflight                 -> 503 overloaded
     match      first route by prefix, method, headers               -> 404 / 405
     read       the request body, up to limits.max_body_bytes        -> 413 / 408 / 400
-    pick       override header, sticky hash or weighted random
-    forward    one try to the backend's pool (shell/upstream.py)    -> 502 / 504
-    respond    buffered answers whole, streams chunk by chunk
+    pick       override header, sticky hash or weighted random, over the backends that are
+               available (breaker, health, bulkhead; shell/backend.py)
+    forward    a try on one endpoint (shell/upstream.py); a hedge after `hedge_after`
+    classify   core/outcome.py; an answer below 400 (or a 4xx not in `retry.on`) is the answer
+    retry      core/retry.RetryState.decide -> backoff within the deadline -> pick again,
+               preferring another backend (`other_backend`); a retry not made is counted
+    fallback   the route's chain: backends, one try each, then a static response;
+               else the last answer as it was, else 502/504, or 503 when nothing was tried
+    respond    buffered answers whole, streams chunk by chunk (committed: never retried)
     log        metrics cells and one access log record
 
 Each request captures the live `Runtime` once (`self.runtime`), so a reload never changes
@@ -331,7 +337,8 @@ class Proxy:
                     second = tg.create_task(self._try(request, ex, route.name, h_backend, h_ep,
                                                       route.timeouts[h_index], headers, body))
                     tries[second] = (h_index, h_ep)
-                elif state.budget is not None and state.tries < route.retry.attempts:
+                elif state.tries < route.retry.attempts and now + MIN_TRY_S < state.deadline:
+                    # try_hedge refused for the one reason left: the budget
                     self._skipped(route.name, NoRetry.BUDGET, Outcome.TIMEOUT)
             pending: set[asyncio.Task[Answer | UpstreamFailure]] = set(tries)
             result: tuple[int, int, Answer | UpstreamFailure] | None = None
