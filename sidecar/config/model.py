@@ -183,12 +183,59 @@ class DrainConfig(_Model):
     grace: Seconds = Field(default=25.0, description="then in-flight requests finish within this")
 
 
+def _check_path(value: str) -> str:
+    if not value.startswith("/") or any(c in value for c in " \r\n#"):
+        raise ValueError(f"invalid path {value!r}: it must start with '/' and hold no spaces")
+    return value
+
+
+HttpPath = Annotated[str, AfterValidator(_check_path)]
+
+
+class HealthCheckConfig(_Model):
+    path: HttpPath = Field(default="/health", description="GET on every endpoint, under the backend's base path")
+    interval: Seconds = Field(default=5.0, description="time between checks of one endpoint")
+    timeout: Seconds = Field(default=1.0, description="each check's own timeout")
+    unhealthy_after: int = Field(default=3, ge=1, description="failed checks in a row that mark an endpoint down")
+    healthy_after: int = Field(default=2, ge=1, description="passed checks in a row that mark it up again")
+
+
+class CircuitBreakerConfig(_Model):
+    consecutive_failures: int | None = Field(default=5, ge=1, description="open after this many failures in a row")
+    failure_rate: float | None = Field(
+        default=0.5, gt=0, le=1, description="or this failure share over the last `window` calls")
+    window: int = Field(default=20, ge=1, description="calls over which failure_rate is judged")
+    open_for: Seconds = Field(default=30.0, description="time open before half-open")
+    half_open_probes: int = Field(default=1, ge=1, description="tries let through while half-open")
+
+
+class OutlierConfig(_Model):
+    consecutive_failures: int = Field(default=5, ge=1, description="failed tries in a row that eject an endpoint")
+    eject_for: Seconds = Field(default=30.0, description="how long an ejected endpoint gets no traffic")
+    max_ejected: float = Field(default=0.5, ge=0, le=1, description="share of the endpoints ejected at most")
+
+
 class BackendConfig(_Model):
-    url: BackendUrl = Field(description="scheme, host, port, optional base path")
+    url: BackendUrl | None = Field(default=None, description="scheme, host, port, optional base path")
+    endpoints: list[BackendUrl] | None = Field(
+        default=None, min_length=1, description="a model's replicas, instead of `url`")
+    balance: Literal["least_request", "round_robin", "random"] = Field(
+        default="least_request", description="how a try picks one of the endpoints")
+    outlier: OutlierConfig | None = Field(default=None, description="passive ejection of failing endpoints")
     timeout: Seconds = Field(default=15.0, description="default per-try timeout")
-    max_connections: int = Field(default=100, ge=1, description="connection pool size")
+    max_connections: int = Field(default=100, ge=1, description="connection pool size (per endpoint)")
     max_inflight: int | None = Field(
         default=None, ge=1, description="bulkhead: at this many requests in flight the backend takes no new ones")
+    health_check: HealthCheckConfig | None = Field(default=None, description="active checks of every endpoint")
+    circuit_breaker: CircuitBreakerConfig | None = Field(
+        default=None, description="without it the backend's circuit never opens")
+
+    @property
+    def urls(self) -> list[str]:
+        """The endpoints' URLs: `endpoints`, or `[url]`."""
+        if self.endpoints is not None:
+            return list(self.endpoints)
+        return [self.url] if self.url is not None else []
 
 
 class MatchConfig(_Model):
@@ -299,6 +346,62 @@ class MonitorConfig(_Model):
         return self
 
 # --- end monitor ----------------------------------------------------------------------------
+RETRY_ON_WORDS = frozenset({"connect-error", "timeout", "reset", "5xx"})
+
+
+def _check_retry_on(values: list[str | int]) -> list[str | int]:
+    for v in values:
+        if isinstance(v, str) and v not in RETRY_ON_WORDS:
+            if v.isdigit():
+                raise ValueError(f"write status codes as numbers, not strings: {v}")
+            raise ValueError(f"unknown retry condition {v!r} (known: connect-error, timeout, reset, 5xx, "
+                             "or a status code 400-599)")
+        if isinstance(v, int) and not 400 <= v <= 599:
+            raise ValueError(f"status code {v} cannot be retried on: use 400-599")
+    return values
+
+
+def _default_retry_on() -> list[int | str]:
+    return ["connect-error", "reset", "timeout", 502, 503, 504]
+
+
+class BackoffConfig(_Model):
+    base: DelaySeconds = Field(default=0.025, description="first retry waits up to this (full jitter)")
+    max: DelaySeconds = Field(default=0.25, description="no retry waits longer")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BackoffConfig:
+        if self.base > self.max:
+            raise ValueError(f"base ({self.base:g}s) must not exceed max ({self.max:g}s)")
+        return self
+
+
+class RetryConfig(_Model):
+    attempts: int = Field(default=2, ge=1, le=10, description="total tries, the first included")
+    per_try_timeout: Seconds | None = Field(default=None, description="default: the backend's `timeout`")
+    on: Annotated[list[Annotated[int, Field(strict=True)] | str], AfterValidator(_check_retry_on)] = Field(
+        default_factory=_default_retry_on,
+        description="what is retried: connect-error, timeout, reset, 5xx, or status codes")
+    backoff: BackoffConfig = Field(default_factory=BackoffConfig)
+    budget: float = Field(default=0.2, ge=0, description="retries at most this share of recent requests (min 10/s)")
+    other_backend: bool = Field(default=True, description="a retry prefers another backend of the split")
+    first_byte_timeout: Seconds | None = Field(
+        default=None, description="no response headers by then counts as a timeout; default per_try_timeout")
+    hedge_after: Seconds | None = Field(
+        default=None, description="no answer by then sends a second try elsewhere; the first answer wins")
+
+
+class StaticResponseConfig(_Model):
+    status: int = Field(default=200, ge=200, le=599)
+    json_body: Any = Field(default=None, alias="json", description="the JSON body")
+    headers: dict[HeaderName, str] = Field(default_factory=dict)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True)
+
+
+class FallbackConfig(_Model):
+    backend: str | None = Field(default=None, description="a backend tried once with the time left")
+    response: StaticResponseConfig | None = Field(default=None, description="a static answer")
 
 
 class RouteConfig(_Model):
@@ -310,6 +413,9 @@ class RouteConfig(_Model):
     timeout: Seconds = Field(default=15.0, description="whole-request deadline until the answer starts")
     mirror: list[MirrorConfig] = Field(default_factory=list)  # mirror: shadow copies (issue 5)
     monitor: MonitorConfig | None = None  # issue 6
+    retry: RetryConfig | None = Field(default=None, description="without it a route makes one try")
+    fallback: list[FallbackConfig] = Field(
+        default_factory=list, description="tried in order when the split cannot produce a good answer")
 
 
 class Config(_Model):
@@ -329,6 +435,9 @@ class Config(_Model):
         known_text = ", ".join(known)
         seen: dict[str, int] = {}
         log_paths: dict[str, str] = {}  # issue 6: sample log path -> place of its first use
+        for name, backend in self.backends.items():
+            if (backend.url is None) == (backend.endpoints is None):
+                issues.append(ConfigIssue(f"backends.{name}", "needs exactly one of `url` or `endpoints`"))
         for i, route in enumerate(self.routes):
             place = f"routes[{i}]"
             if route.name in seen:
@@ -346,6 +455,15 @@ class Config(_Model):
             issues.extend(ConfigIssue(f"{place}.mirror[{j}].backend", f"backend {m.backend!r} is mirrored twice")
                           for j, m in enumerate(route.mirror) if any(n.backend == m.backend for n in route.mirror[:j]))
             issues.extend(_monitor_issues(place, route, log_paths))  # issue 6
+            for j, item in enumerate(route.fallback):
+                where = f"{place}.fallback[{j}]"
+                if (item.backend is None) == (item.response is None):
+                    issues.append(ConfigIssue(where, "needs exactly one of `backend` or `response`"))
+                elif item.backend is not None and item.backend not in self.backends:
+                    issues.append(ConfigIssue(f"{where}.backend",
+                                              f"unknown backend {item.backend!r} (known: {known_text})"))
+                elif item.response is not None and j != len(route.fallback) - 1:
+                    issues.append(ConfigIssue(where, "a static `response` always answers: put it last"))
         if issues:
             raise ReferenceErrors(issues)
         return self

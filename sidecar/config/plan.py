@@ -23,11 +23,15 @@ from sidecar.config.model import (
     DrainConfig,
     LimitsConfig,
     MonitorConfig,
+    RetryConfig,
     RouteConfig,
     split_listen,
 )
+from sidecar.core.balance import Balance, OutlierPolicy
+from sidecar.core.breaker import BreakerPolicy
 from sidecar.core.drift import DriftPolicy
 from sidecar.core.jsonpath import JsonPath, compile_path
+from sidecar.core.retry import RetryPolicy
 from sidecar.core.split import Split
 from sidecar.errors import MethodNotAllowed, NoRoute
 
@@ -40,28 +44,63 @@ def _fingerprint(*parts: object) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class BackendPlan:
-    name: str
+class EndpointPlan:
+    """One replica of a backend: where its pool connects and what it sends."""
+
+    url: str
     origin: str          # scheme://host:port, what the pool connects to
     base_path: str       # "" or "/base" (no trailing slash): prefixed to every request path
-    host_header: str     # the Host header upstream: the backend's, not the client's
-    timeout_s: float
-    max_connections: int
-    max_inflight: int | None
-    fingerprint: str
+    host_header: str     # the Host header upstream: the endpoint's, not the client's
 
     @classmethod
-    def build(cls, name: str, cfg: BackendConfig) -> BackendPlan:
-        u = urlsplit(cfg.url)
+    def build(cls, url: str) -> EndpointPlan:
+        u = urlsplit(url)
         port = u.port or (443 if u.scheme == "https" else 80)
         default_port = port == (443 if u.scheme == "https" else 80)
         host = u.hostname or "127.0.0.1"
         host_text = f"[{host}]" if ":" in host else host
         return cls(
-            name=name,
+            url=url,
             origin=f"{u.scheme}://{u.netloc}",
             base_path=u.path.rstrip("/"),
             host_header=host_text if default_port else f"{host_text}:{port}",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckPlan:
+    path: str
+    interval_s: float
+    timeout_s: float
+    unhealthy_after: int
+    healthy_after: int
+
+
+@dataclass(frozen=True, slots=True)
+class BackendPlan:
+    name: str
+    endpoints: tuple[EndpointPlan, ...]   # one for `url`, several for `endpoints`
+    balance: Balance
+    outlier: OutlierPolicy | None
+    breaker: BreakerPolicy | None          # None: the circuit never opens
+    health_check: HealthCheckPlan | None
+    timeout_s: float
+    max_connections: int                   # per endpoint
+    max_inflight: int | None
+    fingerprint: str                       # covers every endpoint and policy
+
+    @classmethod
+    def build(cls, name: str, cfg: BackendConfig) -> BackendPlan:
+        cb, out, hc = cfg.circuit_breaker, cfg.outlier, cfg.health_check
+        return cls(
+            name=name,
+            endpoints=tuple(EndpointPlan.build(url) for url in cfg.urls),
+            balance=Balance(cfg.balance),
+            outlier=OutlierPolicy(out.consecutive_failures, out.eject_for, out.max_ejected) if out else None,
+            breaker=BreakerPolicy(cb.consecutive_failures, cb.failure_rate, cb.window, cb.open_for,
+                                  cb.half_open_probes) if cb else None,
+            health_check=HealthCheckPlan(hc.path, hc.interval, hc.timeout, hc.unhealthy_after,
+                                         hc.healthy_after) if hc else None,
             timeout_s=cfg.timeout,
             max_connections=cfg.max_connections,
             max_inflight=cfg.max_inflight,
@@ -202,6 +241,57 @@ class MonitorPlan:
 
 
 @dataclass(frozen=True, slots=True)
+class TryTimeouts:
+    """The timeouts of one try to one backend on one route (retry config or backend default)."""
+
+    first_byte_s: float
+    per_try_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackPlan:
+    """One step of a route's fallback chain: a backend, or a static response."""
+
+    backend: str | None
+    timeouts: TryTimeouts | None           # for a backend step
+    status: int = 200
+    body: bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def label(self) -> str:
+        """What `x-sidecar-backend` says when this step answered."""
+        return self.backend if self.backend is not None else "fallback:response"
+
+
+def _timeouts(retry: RetryConfig | None, backend: BackendPlan) -> TryTimeouts:
+    per_try = retry.per_try_timeout if retry and retry.per_try_timeout else backend.timeout_s
+    first_byte = retry.first_byte_timeout if retry and retry.first_byte_timeout else per_try
+    return TryTimeouts(first_byte, per_try)
+
+
+def _retry_policy(cfg: RouteConfig) -> RetryPolicy:
+    r = cfg.retry
+    if r is None:
+        return RetryPolicy.single(cfg.timeout)
+    per_try = r.per_try_timeout or cfg.timeout   # informative: the per-backend TryTimeouts decide
+    return RetryPolicy(
+        attempts=r.attempts,
+        per_try_timeout_s=per_try,
+        on_connect_error="connect-error" in r.on,
+        on_timeout="timeout" in r.on,
+        on_reset="reset" in r.on,
+        on_5xx="5xx" in r.on,
+        on_statuses=frozenset(v for v in r.on if isinstance(v, int)),
+        backoff_base_s=r.backoff.base,
+        backoff_max_s=r.backoff.max,
+        other_backend=r.other_backend,
+        first_byte_timeout_s=r.first_byte_timeout or per_try,
+        hedge_after_s=r.hedge_after,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class RoutePlan:
     name: str
     path_prefix: str
@@ -212,6 +302,10 @@ class RoutePlan:
     sticky_header: str | None
     override_header: str | None
     timeout_s: float
+    retry: RetryPolicy                     # RetryPolicy.single when the route has no `retry`
+    retry_budget: float | None             # share of requests; None: no retries, no budget
+    timeouts: tuple[TryTimeouts, ...]      # per backend of the split, in split order
+    fallback: tuple[FallbackPlan, ...]
     fingerprint: str
     mirrors: tuple[MirrorPlan, ...] = ()   # mirror: shadows, in config order
     monitor: MonitorPlan | None = None     # issue 6
@@ -219,6 +313,20 @@ class RoutePlan:
     @classmethod
     def build(cls, cfg: RouteConfig, backends: Mapping[str, BackendPlan],
               base_dir: Path | None = None) -> RoutePlan:
+        fallback = []
+        for item in cfg.fallback:
+            if item.backend is not None:
+                fallback.append(FallbackPlan(item.backend, _timeouts(cfg.retry, backends[item.backend])))
+            elif item.response is not None:
+                resp = item.response
+                headers = dict(resp.headers)
+                body = b""
+                if resp.json_body is not None:
+                    body = orjson.dumps(resp.json_body)
+                    headers.setdefault("content-type", "application/json")
+                fallback.append(FallbackPlan(None, None, resp.status, body, tuple(headers.items())))
+        used = [*cfg.split, *(f.backend for f in fallback if f.backend is not None)]
+        retry = _retry_policy(cfg)
         monitor = (MonitorPlan.build(cfg.name, cfg.monitor, base_dir or Path.cwd())
                    if cfg.monitor is not None else None)
         # disagreements kept by mirrors are redacted as the sample log is (SPEC 5)
@@ -233,8 +341,12 @@ class RoutePlan:
             sticky_header=cfg.sticky.header if cfg.sticky else None,
             override_header=cfg.override_header,
             timeout_s=cfg.timeout,
+            retry=retry,
+            retry_budget=cfg.retry.budget if cfg.retry is not None else None,
+            timeouts=tuple(_timeouts(cfg.retry, backends[b]) for b in cfg.split),
+            fallback=tuple(fallback),
             # a route changes when its own section or a backend it uses changes (SPEC 8)
-            fingerprint=_fingerprint(cfg.model_dump(mode="json"), [backends[b].fingerprint for b in cfg.split]),
+            fingerprint=_fingerprint(cfg.model_dump(mode="json"), [backends[b].fingerprint for b in used]),
             mirrors=tuple(MirrorPlan.build(cfg.name, m, backends, redact) for m in cfg.mirror),
             monitor=monitor,
         )

@@ -218,6 +218,11 @@ class EndpointSet:
         """A try to endpoint i starts."""
         self.inflight[i] += 1
 
+    def on_cancel(self, i: int) -> None:
+        """A try to endpoint i ended without an outcome (a hedge that lost, a client that left)."""
+        assert self.inflight[i] > 0, f"on_cancel({i}) without on_start"
+        self.inflight[i] -= 1
+
     def on_finish(self, i: int, failed: bool, now: float) -> bool:
         """A try to endpoint i ended (`Outcome.failed`). True when this ejected endpoint i.
 

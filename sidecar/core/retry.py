@@ -178,15 +178,13 @@ class RetryState:
             return NoRetry.BUDGET
         return delay
 
-    def would_hedge(self, now: float, budget: RetryBudget | None) -> bool:
-        """Whether to send a hedge now; when True, the hedge's budget unit is already spent.
+    def try_hedge(self, now: float) -> bool:
+        """Whether to send a hedge now; when True, the hedge's budget unit is spent.
 
-        NOTE: despite the `would_` name (kept for the shell's interface) this spends budget
-        when it answers True, as `try_spend` does: the caller must then make the hedge try
-        (and call `record_try`). `budget` is normally the same one given to __init__.
+        The caller then makes the hedge try (and calls `record_try`).
         """
         if self.policy.hedge_after_s is None or self.tries >= self.policy.attempts:
             return False
         if now + MIN_TRY_S >= self.deadline:
             return False
-        return budget is None or budget.try_spend(now)
+        return self.budget is None or self.budget.try_spend(now)

@@ -174,6 +174,27 @@ class Metrics:
             "streams_broken_total", "Streamed answers cut because the backend broke or went idle.", rb)
         self.client_disconnects = CounterFamily(
             "client_disconnects_total", "Clients that went away before their answer was written.", ("route",))
+        self.upstream_attempts = CounterFamily(
+            "upstream_attempts_total", "Upstream tries (hedges and fallbacks included), by outcome.",
+            ("route", "backend", "outcome"))
+        self.retries = CounterFamily("retries_total", "Retries and hedges sent, by the backend they went to.", rb)
+        self.retry_budget_exhausted = CounterFamily(
+            "retry_budget_exhausted_total", "Retries or hedges not made because the route's retry budget was spent.",
+            ("route",))
+        self.retries_skipped = CounterFamily(
+            "retries_skipped_total", "Failed tries that `retry.on` covers but were not retried, by reason.",
+            ("route", "reason"))
+        self.fallbacks = CounterFamily(
+            "fallbacks_total", "Requests answered by the fallback chain, by kind (backend or response).",
+            ("route", "kind"))
+        self.circuit_state = CallbackGauge(
+            "circuit_state", "Circuit breaker state per backend: 0 closed, 1 half-open, 2 open.", ("backend",))
+        self.backend_healthy = CallbackGauge(
+            "backend_healthy", "1 while some endpoint of the backend passes health checks and is not ejected.",
+            ("backend",))
+        self.endpoint_ejected = CallbackGauge(
+            "endpoint_ejected", "1 while an endpoint (its index in `endpoints`) is ejected as an outlier.",
+            ("backend", "endpoint"))
         self.inflight = CallbackGauge("inflight_requests", "Upstream requests in flight, per backend.", ("backend",))
         self.route_weight = CallbackGauge(
             "route_weight", "Effective share (0-1) of a route's traffic per backend, after overrides and exclusions.",
@@ -183,7 +204,9 @@ class Metrics:
         self.families: list[CounterFamily | GaugeFamily | HistogramFamily | CallbackGauge] = [
             self.requests, self.request_duration, self.ttfb, self.shed, self.override_ignored,
             self.access_log_dropped, self.stream_broken, self.client_disconnects, self.inflight,
-            self.route_weight, self.config_info,
+            self.route_weight, self.config_info, self.upstream_attempts, self.retries,
+            self.retry_budget_exhausted, self.retries_skipped, self.fallbacks, self.circuit_state,
+            self.backend_healthy, self.endpoint_ejected,
         ]
         # mirror: shadow copies (shell/mirror.py documents the outcome values)
         self.mirror_requests = CounterFamily(

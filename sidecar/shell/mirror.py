@@ -60,6 +60,7 @@ from sidecar.shell.upstream import Answer, UpstreamFailure, UpstreamPool
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from sidecar.shell.backend import Backend
     from sidecar.shell.runtime import Runtime
 
 log = logging.getLogger("sidecar.mirror")
@@ -136,14 +137,14 @@ class MirrorStats:
 class MirrorTicket:
     """The mirrors one request was selected for, waiting for its primary answer."""
 
-    __slots__ = ("body", "buffer_limit", "headers", "method", "mirrors", "pools", "raw_path", "read_limit",
+    __slots__ = ("backends", "body", "buffer_limit", "headers", "method", "mirrors", "raw_path", "read_limit",
                  "request_id", "targets")
 
-    def __init__(self, mirrors: Mirrors, pools: Mapping[str, UpstreamPool],
+    def __init__(self, mirrors: Mirrors, backends: Mapping[str, Backend],
                  targets: list[tuple[MirrorPlan, MirrorStats]], method: str, raw_path: str,
                  headers: list[tuple[str, str]], body: bytes, request_id: str, read_limit: int) -> None:
         self.mirrors = mirrors
-        self.pools = pools           # of the request's Runtime: a reload does not move its mirrors
+        self.backends = backends     # of the request's Runtime: a reload does not move its mirrors
         self.targets = targets
         self.method = method
         self.raw_path = raw_path
@@ -230,7 +231,7 @@ class Mirrors:
         if targets is None:
             return None
         limits = rt.plan.limits
-        return MirrorTicket(self, rt.pools, targets, request.method, request.raw_path, headers, body, request_id,
+        return MirrorTicket(self, rt.backends, targets, request.method, request.raw_path, headers, body, request_id,
                             max(limits.max_body_bytes, limits.buffer_response_bytes))
 
     def _send(self, ticket: MirrorTicket, primary_body: bytes | None) -> None:
@@ -246,7 +247,8 @@ class Mirrors:
             stats.sent += 1
             # only a comparing mirror holds on to the primary's answer (until its shadow answers)
             kept = primary_body if m.compare_path is not None else None
-            self._spawn(self._run(m, stats, ticket.pools[m.backend], ticket, shadow_headers, kept))
+            pool = ticket.backends[m.backend].pool_for_mirror(asyncio.get_running_loop().time(), self._rng)
+            self._spawn(self._run(m, stats, pool, ticket, shadow_headers, kept))
 
     def _log_drop(self, m: MirrorPlan, stats: MirrorStats) -> None:
         now = time.monotonic()

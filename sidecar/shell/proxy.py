@@ -3,9 +3,15 @@
     admit      load shedding at limits.max_inflight                 -> 503 overloaded
     match      first route by prefix, method, headers               -> 404 / 405
     read       the request body, up to limits.max_body_bytes        -> 413 / 408 / 400
-    pick       override header, sticky hash or weighted random
-    forward    one try to the backend's pool (shell/upstream.py)    -> 502 / 504
-    respond    buffered answers whole, streams chunk by chunk
+    pick       override header, sticky hash or weighted random, over the backends that are
+               available (breaker, health, bulkhead; shell/backend.py)
+    forward    a try on one endpoint (shell/upstream.py); a hedge after `hedge_after`
+    classify   core/outcome.py; an answer below 400 (or a 4xx not in `retry.on`) is the answer
+    retry      core/retry.RetryState.decide -> backoff within the deadline -> pick again,
+               preferring another backend (`other_backend`); a retry not made is counted
+    fallback   the route's chain: backends, one try each, then a static response;
+               else the last answer as it was, else 502/504, or 503 when nothing was tried
+    respond    buffered answers whole, streams chunk by chunk (committed: never retried)
     log        metrics cells and one access log record
 
 Each request captures the live `Runtime` once (`self.runtime`), so a reload never changes
@@ -30,9 +36,10 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar.config.plan import RoutePlan
+from sidecar.config.plan import RoutePlan, TryTimeouts
 from sidecar.core.outcome import Outcome, classify_status
-from sidecar.core.split import key_hash
+from sidecar.core.retry import MIN_TRY_S, NoRetry, RetryState
+from sidecar.core.split import Split, key_hash
 from sidecar.errors import (
     BadRequest,
     BodyTooLarge,
@@ -45,9 +52,10 @@ from sidecar.errors import (
     UpstreamTimeout,
 )
 from sidecar.shell.accesslog import AccessLog
+from sidecar.shell.backend import Backend
 from sidecar.shell.metrics import Cell, HistCell, Metrics
-from sidecar.shell.mirror import Mirrors
-from sidecar.shell.runtime import Runtime
+from sidecar.shell.mirror import Mirrors, MirrorTicket
+from sidecar.shell.runtime import RouteState, Runtime
 from sidecar.shell.upstream import Answer, UpstreamFailure
 
 log = logging.getLogger("sidecar.proxy")
@@ -68,15 +76,24 @@ READ_CHUNK: Final = 64 * 1024
 
 
 class _Cells:
-    """Metric cells of one (route, backend), looked up once per request."""
+    """Metric cells of one (route, backend), looked up once per request or try."""
 
-    __slots__ = ("codes", "duration", "labels", "metrics", "ttfb")
+    __slots__ = ("attempt_ok", "attempts", "codes", "duration", "labels", "metrics", "retries", "ttfb")
 
     def __init__(self, metrics: Metrics, route: str, backend: str) -> None:
         self.metrics, self.labels = metrics, (route, backend)
         self.codes: dict[int, Cell] = {}
         self.duration: HistCell = metrics.request_duration.labels(route, backend)
         self.ttfb: HistCell = metrics.ttfb.labels(route, backend)
+        self.attempts: dict[Outcome, Cell] = {}
+        self.attempt_ok: Cell = self.attempt(Outcome.OK)
+        self.retries: Cell = metrics.retries.labels(route, backend)
+
+    def attempt(self, outcome: Outcome) -> Cell:
+        cell = self.attempts.get(outcome)
+        if cell is None:
+            cell = self.attempts[outcome] = self.metrics.upstream_attempts.labels(*self.labels, str(outcome))
+        return cell
 
     def code(self, status: int) -> Cell:
         cell = self.codes.get(status)
@@ -88,8 +105,8 @@ class _Cells:
 class Exchange:
     """Per-request state, from arrival to the log line."""
 
-    __slots__ = ("attempts", "backend", "bytes_in", "bytes_out", "deadline", "error", "request_id", "route",
-                 "status", "t0", "ttfb_s", "upstream_s")
+    __slots__ = ("attempts", "backend", "body", "buffer_limit", "bytes_in", "bytes_out", "deadline", "draw",
+                 "error", "mirror", "request_id", "route", "t0", "ttfb_s", "upstream_s")
 
     def __init__(self, request_id: str, t0: float) -> None:
         self.request_id = request_id
@@ -97,8 +114,12 @@ class Exchange:
         self.deadline = 0.0  # loop time, what asyncio.timeout_at wants
         self.route: RoutePlan | None = None
         self.backend = NO_BACKEND
-        self.status = 0
         self.attempts = 0
+        self.body = b""
+        # set only for mirrored or sampled requests (shell/mirror.py, shell/monitor.py):
+        self.mirror: MirrorTicket | None = None   # sent exactly once, when the final answer is known
+        self.draw: float | None = None            # the monitor's sampling draw
+        self.buffer_limit: int | None = None      # read answers whole up to this (compare, features)
         self.bytes_in = self.bytes_out = 0
         self.error: str | None = None
         self.upstream_s: float | None = None
@@ -144,8 +165,8 @@ class Proxy:
     def __init__(self, runtime: Runtime, access_log: AccessLog, rng: Callable[[], float],
                  mirrors: Mirrors | None = None) -> None:
         self.runtime = runtime
+        self.mirrors = mirrors if mirrors is not None else Mirrors(runtime.metrics, rng, runtime.plan)
         self.access_log = access_log
-        self.mirrors = mirrors if mirrors is not None else Mirrors(runtime.metrics, rng, runtime.plan)  # mirror
         self.inflight = 0
         self.closing = False            # set after drain.delay: answers carry Connection: close
         self._idle: asyncio.Event | None = None  # created only while someone waits for idle
@@ -200,46 +221,234 @@ class Proxy:
 
     async def _handle(self, request: web.BaseRequest, ex: Exchange, rt: Runtime) -> web.StreamResponse:
         route = ex.route = rt.plan.match(request.method, request.path, request.headers)
-        body = await self._read_body(request, rt)
+        body = ex.body = await self._read_body(request, rt)
         ex.bytes_in = len(body)
-        index = self._pick(route, request.headers, rt)
-        backend = route.backends[index]
-        ex.backend = backend
-        pool = rt.pools[backend]
         headers = self._upstream_headers(request, ex)
-        # mirror: which shadows get a copy; started below once the primary answer is known
-        mirror = self.mirrors.select(route, rt, request, ex.request_id, headers, body) if route.mirrors else None
-        now = asyncio.get_running_loop().time()
-        ex.deadline = now - (perf_counter() - ex.t0) + route.timeout_s
-        try_deadline = min(ex.deadline, now + pool.plan.timeout_s)
-        ex.attempts += 1
-        t_try = perf_counter()
-        # issue 6: one draw decides sampling; a sampled answer is read whole (up to max_body_bytes)
-        draw = rt.monitor.draw(route)
-        buffer_limit = None if mirror is None else mirror.buffer_limit
-        if draw is not None:
-            buffer_limit = max(rt.plan.limits.max_body_bytes, rt.plan.limits.buffer_response_bytes)
+        # decided once per request, before the first try: which shadows get a copy, whether the
+        # payloads are sampled; both need the answer read whole (up to max_body_bytes)
+        if route.mirrors:
+            ex.mirror = self.mirrors.select(route, rt, request, ex.request_id, headers, body)
+            if ex.mirror is not None:
+                ex.buffer_limit = ex.mirror.buffer_limit
+        if route.monitor is not None and (draw := rt.monitor.draw(route)) is not None:
+            ex.draw = draw
+            ex.buffer_limit = max(rt.plan.limits.max_body_bytes, rt.plan.limits.buffer_response_bytes)
+        if ex.mirror is None:
+            return await self._forward(request, ex, rt, route, headers, body)
         try:
-            answer = await pool.attempt(request.method, request.raw_path, headers, body,
-                                        try_deadline, try_deadline, buffer_limit)
+            return await self._forward(request, ex, rt, route, headers, body)
+        finally:
+            if ex.mirror is not None:  # no backend answer reached the client: mirror, compare nothing
+                ex.mirror.send(None)
+                ex.mirror = None
+
+    async def _forward(self, request: web.BaseRequest, ex: Exchange, rt: Runtime, route: RoutePlan,
+                       headers: list[tuple[str, str]], body: bytes) -> web.StreamResponse:
+        """Pick, try, retry, hedge, fall back: until an answer goes to the client (SPEC 3.2)."""
+        rs = rt.route_states[route.name]
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        ex.deadline = now - (perf_counter() - ex.t0) + route.timeout_s
+        policy = route.retry
+        budget = rs.budget
+        if budget is not None:
+            budget.record_request(now)
+        state = RetryState(policy, budget, ex.deadline)
+        index = self._pick(route, rs, request.headers, rt, now, None)
+        # The answer or failure of the latest try that failed: what passes when nothing better comes.
+        last: Answer | UpstreamFailure | None = None
+        endpoint: int | None = None
+        while index is not None:
+            backend = rs.backends[index]
+            ep = backend.pick(now, self._rng, endpoint)
+            assert ep is not None, "an available backend has a usable endpoint"
+            state.record_try()
+            ex.attempts += 1
+            if state.tries > 1:
+                self.cells(route.name, backend.name).retries.value += 1
+            ex.backend = backend.name
+            if policy.hedge_after_s is None:
+                got = await self._try(request, ex, route.name, backend, ep, route.timeouts[index], headers, body)
+            else:
+                index, ep, got = await self._hedged(request, ex, rt, rs, state, index, ep, headers, body)
+                backend = rs.backends[index]
+                ex.backend = backend.name
+            if isinstance(got, Answer):
+                status: int | None = got.status
+                if got.status < 400 or (got.status < 500 and got.status not in policy.on_statuses):
+                    return await self._respond(request, got, ex, rt)  # the fast path ends here
+                outcome = classify_status(got.status)
+            else:
+                status, outcome = None, got.outcome
+            last = _keep(last, got)
+            now = loop.time()
+            decision = state.decide(outcome, status, now, self._rng)
+            if isinstance(decision, NoRetry):
+                self._skipped(route.name, decision, outcome)
+                break
+            if isinstance(got, Answer) and got.streaming:
+                got.close()  # a streamed answer cannot be kept while we retry
+                last = UpstreamFailure(outcome, f"answered {got.status}")
+            await asyncio.sleep(decision)
+            now = loop.time()
+            previous = index
+            index = self._pick(route, rs, request.headers, rt, now, index if policy.other_backend else None)
+            endpoint = ep if index == previous else None
+        return await self._fallback(request, ex, rt, rs, state, last, headers, body)
+
+    async def _try(self, request: web.BaseRequest, ex: Exchange, route: str, backend: Backend, ep: int,
+                   timeouts: TryTimeouts, headers: list[tuple[str, str]], body: bytes) -> Answer | UpstreamFailure:
+        """One try on endpoint `ep` of `backend`, counted; its answer, or how it failed."""
+        now = asyncio.get_running_loop().time()
+        deadline = ex.deadline
+        headers_deadline = now + timeouts.first_byte_s
+        try_deadline = now + timeouts.per_try_s
+        if headers_deadline > deadline:
+            headers_deadline = deadline
+        if try_deadline > deadline:
+            try_deadline = deadline
+        cells = self.cells(route, backend.name)
+        t_try = perf_counter()
+        try:
+            answer = await backend.try_(ep, request.method, request.raw_path, headers, body,
+                                        headers_deadline, try_deadline, ex.buffer_limit)
         except UpstreamFailure as f:
-            if mirror is not None:  # mirror: the shadows get the request though the primary failed
-                mirror.send(None)
             ex.upstream_s = perf_counter() - t_try
             ex.error = str(f.outcome)
-            if f.outcome is Outcome.TIMEOUT:
-                raise UpstreamTimeout(f"backend {backend!r} did not answer in time") from None
-            raise UpstreamError(f"backend {backend!r} failed: {f.detail}") from None
-        ttfb = ex.upstream_s = perf_counter() - t_try
-        if draw is not None:  # issue 6: hand the payloads over; the monitor parses them off the loop
-            rt.monitor.offer(route, backend, ex.request_id, body, answer.status, answer.body, draw)
-        ex.ttfb_s = ttfb
-        self.cells(route.name, backend).ttfb.observe(ttfb)
-        if classify_status(answer.status) is Outcome.SERVER_ERROR:
-            ex.error = "5xx"
-        if mirror is not None:  # mirror: the primary answered (body None when it is streamed)
-            mirror.send(answer.body)
-        return await self._respond(request, answer, ex, rt)
+            cells.attempt(f.outcome).value += 1
+            return f
+        except asyncio.CancelledError:
+            cells.attempt(Outcome.CANCELLED).value += 1
+            raise
+        ttfb = ex.upstream_s = ex.ttfb_s = perf_counter() - t_try
+        cells.ttfb.observe(ttfb)
+        if answer.status < 400:
+            cells.attempt_ok.value += 1
+        else:
+            outcome = classify_status(answer.status)
+            cells.attempt(outcome).value += 1
+            if outcome is Outcome.SERVER_ERROR:
+                ex.error = "5xx"
+        return answer
+
+    async def _hedged(self, request: web.BaseRequest, ex: Exchange, rt: Runtime, rs: RouteState,
+                      state: RetryState, index: int, ep: int, headers: list[tuple[str, str]],
+                      body: bytes) -> tuple[int, int, Answer | UpstreamFailure]:
+        """A try that sends a hedge elsewhere when it has not answered after `hedge_after`.
+
+        The first good answer (below 500) wins and the other try is cancelled (its connection
+        is closed by upstream.py); when both fail, the latest failure is the round's result.
+        Both tasks live in this TaskGroup, so nothing outlives the round.
+        """
+        route = rs.plan
+        hedge_after = route.retry.hedge_after_s
+        assert hedge_after is not None
+        loop = asyncio.get_running_loop()
+        first_backend = rs.backends[index]
+        async with asyncio.TaskGroup() as tg:
+            first = tg.create_task(self._try(request, ex, route.name, first_backend, ep, route.timeouts[index],
+                                             headers, body))
+            tries: dict[asyncio.Task[Answer | UpstreamFailure], tuple[int, int]] = {first: (index, ep)}
+            done, _ = await asyncio.wait((first,), timeout=hedge_after)
+            if done:
+                return index, ep, first.result()
+            now = loop.time()
+            h_index = self._pick(route, rs, request.headers, rt, now, index)
+            h_ep = rs.backends[h_index].pick(now, self._rng, ep if h_index == index else None) \
+                if h_index is not None else None
+            if h_index is not None and h_ep is not None:
+                if state.try_hedge(now):
+                    h_backend = rs.backends[h_index]
+                    state.record_try()
+                    ex.attempts += 1
+                    self.cells(route.name, h_backend.name).retries.value += 1
+                    second = tg.create_task(self._try(request, ex, route.name, h_backend, h_ep,
+                                                      route.timeouts[h_index], headers, body))
+                    tries[second] = (h_index, h_ep)
+                elif state.tries < route.retry.attempts and now + MIN_TRY_S < state.deadline:
+                    # try_hedge refused for the one reason left: the budget
+                    self._skipped(route.name, NoRetry.BUDGET, Outcome.TIMEOUT)
+            pending: set[asyncio.Task[Answer | UpstreamFailure]] = set(tries)
+            result: tuple[int, int, Answer | UpstreamFailure] | None = None
+            while pending and (result is None or _failed(result[2])):
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    got = task.result()
+                    if result is None or (_failed(result[2]) and not _failed(got)) or \
+                            (isinstance(got, Answer) and not isinstance(result[2], Answer)):
+                        if result is not None and isinstance(result[2], Answer):
+                            result[2].close()
+                        result = (*tries[task], got)
+                    elif isinstance(got, Answer):
+                        got.close()  # a loser that finished in the same instant
+            for task in pending:
+                task.cancel()  # the loser; the TaskGroup awaits it
+        assert result is not None
+        return result
+
+    async def _fallback(self, request: web.BaseRequest, ex: Exchange, rt: Runtime, rs: RouteState,
+                        state: RetryState, last: Answer | UpstreamFailure | None,
+                        headers: list[tuple[str, str]], body: bytes) -> web.StreamResponse:
+        """The split gave no good answer: the fallback chain, then the last answer, then 502/503/504.
+
+        A fallback backend gets one try with the time left; when tries were already made it
+        spends retry budget like a retry, so a fallback cannot make a retry storm either.
+        """
+        route = rs.plan
+        loop = asyncio.get_running_loop()
+        tried = state.tries > 0
+        for step, backend in zip(route.fallback, rs.fallback, strict=True):
+            if backend is None:
+                if isinstance(last, Answer):
+                    last.close()
+                self.runtime.metrics.fallbacks.labels(route.name, "response").value += 1
+                ex.backend = step.label
+                ex.error = None
+                hdrs = CIMultiDict(step.headers)
+                hdrs["x-request-id"] = ex.request_id
+                hdrs["x-sidecar-backend"] = step.label
+                hdrs["x-sidecar-attempts"] = str(ex.attempts)
+                if step.status == 503 and "retry-after" not in hdrs:
+                    hdrs["retry-after"] = "1"
+                ex.bytes_out = len(step.body)
+                return web.Response(status=step.status, body=step.body, headers=hdrs)
+            now = loop.time()
+            if not backend.available(now) or now + MIN_TRY_S >= ex.deadline:
+                continue
+            if tried and state.budget is not None and not state.budget.try_spend(now):
+                self._skipped(route.name, NoRetry.BUDGET, Outcome.SERVER_ERROR)
+                continue
+            ep = backend.pick(now, self._rng)
+            assert ep is not None and step.timeouts is not None
+            state.record_try()
+            ex.attempts += 1
+            ex.backend = backend.name
+            got = await self._try(request, ex, route.name, backend, ep, step.timeouts, headers, body)
+            if not _failed(got):
+                assert isinstance(got, Answer)
+                if isinstance(last, Answer):
+                    last.close()
+                self.runtime.metrics.fallbacks.labels(route.name, "backend").value += 1
+                return await self._respond(request, got, ex, rt)
+            last = _keep(last, got)
+        if isinstance(last, Answer):
+            return await self._respond(request, last, ex, rt)  # SPEC 8: passes as it was
+        if last is None:
+            ex.backend = NO_BACKEND
+            raise NoBackendAvailable(f"no backend of route {route.name!r} can take a request now")
+        if last.outcome is Outcome.TIMEOUT:
+            raise UpstreamTimeout(f"backend {ex.backend!r} did not answer in time")
+        raise UpstreamError(f"backend {ex.backend!r} failed: {last.detail}")
+
+    def _skipped(self, route: str, reason: NoRetry, outcome: Outcome) -> None:
+        """Count a retry not made (SPEC: never silent); a not-retryable 4xx is no skipped retry."""
+        if reason is NoRetry.NOT_RETRYABLE:
+            return
+        metrics = self.runtime.metrics
+        metrics.retries_skipped.labels(route, str(reason)).value += 1
+        if reason is NoRetry.BUDGET:
+            metrics.retry_budget_exhausted.labels(route).value += 1
+            log.info("route %s: retry budget spent; %s not retried", route, outcome)
 
     async def _read_body(self, request: web.BaseRequest, rt: Runtime) -> bytes:
         """The whole request body, refusing more than max_body_bytes without reading it all."""
@@ -272,22 +481,35 @@ class Proxy:
             raise BadRequest(f"malformed request body: {e.message}") from None
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _pick(self, route: RoutePlan, headers: CIMultiDictProxy[str], rt: Runtime) -> int:
+    def _pick(self, route: RoutePlan, rs: RouteState, headers: CIMultiDictProxy[str], rt: Runtime, now: float,
+              avoid: int | None) -> int | None:
+        """Index of the split's backend for the next try; None when none can take it (SPEC 3.2).
+
+        `avoid` (a retry with `other_backend`, a hedge): another available backend is
+        preferred; only when none is left does the try go to `avoid` again.
+        """
         if route.override_header is not None and (name := headers.get(route.override_header)):
             index = route.backend_index(name)
             if index is not None:
-                return index
-            self.runtime.metrics.override_ignored.labels(route.name).value += 1
-            log.info("override header names no backend of route %s; normal split used", route.name)
+                return index if rs.backends[index].available(now) else None
+            if avoid is None:
+                self.runtime.metrics.override_ignored.labels(route.name).value += 1
+                log.info("override header names no backend of route %s; normal split used", route.name)
         split = rt.splits[route.name]
-        available = rt.available(route.name)
+        available = rs.available(now)
+        if avoid is not None:
+            others = [True] * len(rs.backends) if available is None else list(available)
+            others[avoid] = False
+            picked = self._pick_split(route, split, headers, others)
+            if picked is not None:
+                return picked
+        return self._pick_split(route, split, headers, available)
+
+    def _pick_split(self, route: RoutePlan, split: Split, headers: CIMultiDictProxy[str],
+                    available: list[bool] | None) -> int | None:
         if route.sticky_header is not None and (key := headers.get(route.sticky_header)):
-            picked = split.pick_sticky(key_hash(key), available)
-        else:
-            picked = split.pick_random(self._rng(), available)
-        if picked is None:
-            raise NoBackendAvailable(f"no backend of route {route.name!r} can take a request now")
-        return picked
+            return split.pick_sticky(key_hash(key), available)
+        return split.pick_random(self._rng(), available)
 
     def _upstream_headers(self, request: web.BaseRequest, ex: Exchange) -> list[tuple[str, str]]:
         src = request.headers
@@ -321,6 +543,11 @@ class Proxy:
 
     async def _respond(self, request: web.BaseRequest, answer: Answer, ex: Exchange,
                        rt: Runtime) -> web.StreamResponse:
+        if ex.mirror is not None:  # the answer is final: start the shadows (SPEC 3.5)
+            ex.mirror.send(answer.body)
+            ex.mirror = None
+        if ex.draw is not None and ex.route is not None:  # sampled: parsed by the monitor, off the loop
+            rt.monitor.offer(ex.route, ex.backend, ex.request_id, ex.body, answer.status, answer.body, ex.draw)
         if answer.body is not None:
             ex.bytes_out = len(answer.body)
             if request.method == "HEAD":  # the backend's Content-Length describes the GET
@@ -340,8 +567,9 @@ class Proxy:
         except UpstreamFailure as f:
             # SPEC 8: cut towards the client, no terminating chunk, so it sees it incomplete
             ex.error = str(Outcome.STREAM_BROKEN)
-            self.runtime.metrics.stream_broken.labels(ex.route.name if ex.route else NO_ROUTE,
-                                                      ex.backend).value += 1
+            route_name = ex.route.name if ex.route else NO_ROUTE
+            self.runtime.metrics.stream_broken.labels(route_name, ex.backend).value += 1
+            self.cells(route_name, ex.backend).attempt(Outcome.STREAM_BROKEN).value += 1
             log.warning("stream from %s broke after %d bytes: %s", ex.backend, ex.bytes_out, f.detail)
             if request.transport is not None:
                 request.transport.abort()
@@ -358,7 +586,7 @@ class Proxy:
         cells.code(resp.status).value += 1
         duration = now - ex.t0
         cells.duration.observe(duration)
-        if ex.backend:  # issue 6: rolling latency and errors, every request that reached a backend
+        if ex.backend:  # rolling latency and errors (shell/monitor.py), every request that reached a backend
             rt.monitor.record(route, ex.backend, duration, resp.status, ex.error)
         if rt.plan.access_log:
             self.access_log.add((
@@ -368,6 +596,20 @@ class Proxy:
                 trace_id(request.headers.get("traceparent")),
             ))
         return resp
+
+
+def _keep(last: Answer | UpstreamFailure | None, got: Answer | UpstreamFailure) -> Answer | UpstreamFailure:
+    """Of two failed tries, the one whose result passes when nothing better comes (SPEC 8):
+    the latest backend answer, else the latest failure. The answer left behind is closed."""
+    if isinstance(got, Answer):
+        if isinstance(last, Answer) and last is not got:
+            last.close()
+        return got
+    return last if isinstance(last, Answer) else got
+
+
+def _failed(got: Answer | UpstreamFailure) -> bool:
+    return not isinstance(got, Answer) or got.status >= 500
 
 
 def _body_len(resp: web.StreamResponse) -> int:

@@ -62,6 +62,7 @@ class Sidecar:
         self.admin_port = 0
         self._install_signals = install_signals
         self._stop: asyncio.Event = asyncio.Event()
+        self.health_tasks: list[asyncio.Task[None]] = []
 
     @property
     def proxy_url(self) -> str:
@@ -106,6 +107,7 @@ class Sidecar:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self.access_log.run(), name="access-log")]
                 tasks.append(tg.create_task(self.proxy.runtime.monitor.run(), name="monitor"))  # issue 6
+                tasks += self.start_health_checks(tg)
                 self.ready.set()
                 log.info("serving on %s:%d, admin on %s:%d, config %s",
                          plan.listen[0], self.proxy_port, plan.admin_listen[0], self.admin_port, plan.version)
@@ -123,6 +125,15 @@ class Sidecar:
             await self.proxy.runtime.close()
         log.info("stopped (exit code %d)", code)
         return code
+
+    def start_health_checks(self, tg: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
+        """Start the active health checks of the running config in `tg` (shell/health.py).
+
+        A reload should cancel the tasks this returned and call it again for the new runtime.
+        """
+        self.health_tasks = [tg.create_task(hc.run(), name=f"health-{hc.backend.name}")
+                             for hc in self.proxy.runtime.health_checkers()]
+        return self.health_tasks
 
     async def _drain(self, proxy_site: web.SockSite, proxy_server: web.Server) -> int:
         drain = self.proxy.runtime.plan.drain

@@ -9,7 +9,7 @@ to the sans-IO parser of core/http1.py, wake one future. The aiohttp server stil
 the clients; the aiohttp client is still used by the CLI and the tests.
 
 Shapes:
-- `UpstreamPool` (one per backend): idle connections, at most `max_connections` open;
+- `UpstreamPool` (one per backend endpoint): idle connections, at most `max_connections` open;
   callers past the limit wait (bounded by their try deadline) for one to be released.
 - `UpstreamPool.attempt` returns an `Answer`: buffered (`body` read whole) when the head
   declares a Content-Length up to `buffer_response_bytes` and is not an event stream, so a
@@ -225,27 +225,29 @@ def _ssl_context(scheme: str) -> ssl.SSLContext | None:
 
 
 class UpstreamPool:
-    """The keep-alive connections and live counters of one backend."""
+    """The keep-alive connections and live counters of one endpoint (origin) of a backend.
 
-    def __init__(self, plan: BackendPlan, buffer_response_bytes: int) -> None:
+    A backend with several endpoints has one pool per endpoint (shell/backend.py); the
+    bulkhead (`max_inflight`) is judged there, over all of them.
+    """
+
+    def __init__(self, plan: BackendPlan, buffer_response_bytes: int, endpoint: int = 0,
+                 max_connections: int | None = None) -> None:
         self.plan = plan
+        self.endpoint = plan.endpoints[endpoint]
         self.inflight = 0
         self._buffer_limit = buffer_response_bytes
-        u = urlsplit(plan.origin)
+        self._max_connections = plan.max_connections if max_connections is None else max_connections
+        u = urlsplit(self.endpoint.origin)
         self._host = u.hostname or "127.0.0.1"
         self._port = u.port or (443 if u.scheme == "https" else 80)
         self._ssl = _ssl_context(u.scheme)
-        self._base = plan.base_path
+        self._base = self.endpoint.base_path
+        self._host_header = self.endpoint.host_header
         self._idle: list[_Conn] = []
         self._open = 0
         self._waiters: deque[asyncio.Future[_Conn | None]] = deque()
         self._closed = False
-
-    @property
-    def available(self) -> bool:
-        """False while the bulkhead (`max_inflight`) is full: no new picks (SPEC 3.2)."""
-        cap = self.plan.max_inflight
-        return cap is None or self.inflight < cap
 
     # -- connections --------------------------------------------------------------------------
 
@@ -258,7 +260,7 @@ class UpstreamPool:
                 return conn
             conn.close()
             self._open -= 1
-        while self._open >= self.plan.max_connections:
+        while self._open >= self._max_connections:
             fut: asyncio.Future[_Conn | None] = loop.create_future()
             self._waiters.append(fut)
             try:
@@ -309,7 +311,7 @@ class UpstreamPool:
 
     def _request_bytes(self, method: str, raw_path: str, headers: Iterable[tuple[str, str]],
                        body: bytes) -> list[bytes]:
-        lines = [f"{method} {self._base}{raw_path} HTTP/1.1\r\nHost: {self.plan.host_header}\r\n"]
+        lines = [f"{method} {self._base}{raw_path} HTTP/1.1\r\nHost: {self._host_header}\r\n"]
         lines.extend(f"{k}: {v}\r\n" for k, v in headers)
         if body or method not in _BODYLESS_METHODS:
             lines.append(f"Content-Length: {len(body)}\r\n")

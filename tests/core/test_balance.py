@@ -57,6 +57,16 @@ def test_success_resets_the_failure_count():
     assert not es.is_ejected(0, 0.0)
 
 
+def test_a_cancelled_try_is_neither_success_nor_failure():
+    """A hedge that lost its race frees its endpoint without resetting or adding to its failure count."""
+    es = EndpointSet(2, Balance.RANDOM, OUTLIER)
+    fail(es, 0, 0.0, times=2)
+    es.on_start(0)
+    es.on_cancel(0)
+    assert es.inflight == [0, 0]
+    assert fail(es, 0, 0.0) == [True]
+
+
 def test_last_usable_endpoint_is_never_ejected():
     """When the other replica failed its health checks, the last one keeps serving even while failing."""
     es = EndpointSet(2, Balance.LEAST_REQUEST, OutlierPolicy(1, 30.0, 1.0))

@@ -207,26 +207,25 @@ def test_budget_is_the_last_reason():
 
 def test_hedge_needs_hedging_configured():
     """Without `hedge_after`, no hedge is ever sent."""
-    assert not state_after(1).would_hedge(0.0, RetryBudget(1.0))
+    assert not state_after(1, budget=RetryBudget(1.0)).try_hedge(0.0)
 
 
 def test_hedge_is_a_try_and_spends_budget():
     """A hedge spends a retry-budget unit and needs a try left in `attempts`."""
     budget = RetryBudget(0.0, min_per_s=0.2)  # two per 10 s
     s = state_after(1, budget=budget, hedge_after_s=0.2)
-    assert s.would_hedge(0.3, budget)
+    assert s.try_hedge(0.3)
     assert budget.retries == 1
     s.record_try()
-    assert s.would_hedge(0.4, budget)
+    assert s.try_hedge(0.4)
     s.record_try()
-    assert not s.would_hedge(0.5, budget)  # 3 of 3 tries started
+    assert not s.try_hedge(0.5)  # 3 of 3 tries started
     assert budget.retries == 2
 
 
 def test_hedge_refused_without_budget_or_time():
     """No hedge goes out when the budget is spent or the deadline has come."""
-    s = state_after(1, hedge_after_s=0.2)
-    assert not s.would_hedge(0.3, empty_budget())
-    assert s.would_hedge(0.3, None)
+    assert not state_after(1, budget=empty_budget(), hedge_after_s=0.2).try_hedge(0.3)
+    assert state_after(1, hedge_after_s=0.2).try_hedge(0.3)
     late = state_after(1, deadline=1.0, hedge_after_s=0.2)
-    assert not late.would_hedge(1.0, None)
+    assert not late.try_hedge(1.0)
