@@ -168,10 +168,12 @@ class Metrics:
             rb)
         self.config_info = CallbackGauge("config_info", "The running config's version (value is always 1).",
                                          ("version",))
+        self.config_reloads = CounterFamily(
+            "config_reloads_total", "Config reloads by result: ok, unchanged, error (rejected).", ("result",))
         self.families: list[CounterFamily | GaugeFamily | HistogramFamily | CallbackGauge] = [
             self.requests, self.request_duration, self.ttfb, self.shed, self.override_ignored,
             self.access_log_dropped, self.stream_broken, self.client_disconnects, self.inflight,
-            self.route_weight, self.config_info,
+            self.route_weight, self.config_info, self.config_reloads,
         ]
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_SidecarCollector(self))

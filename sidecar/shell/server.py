@@ -19,6 +19,7 @@ import logging
 import random
 import signal
 import socket
+import time
 from pathlib import Path
 
 from aiohttp import web
@@ -26,10 +27,12 @@ from aiohttp import web
 from sidecar.config.load import LoadedConfig
 from sidecar.config.plan import Plan
 from sidecar.shell.accesslog import AccessLog
-from sidecar.shell.admin import build_admin_app
+from sidecar.shell.admin import BackendStatusProvider, StatusProvider, build_admin_app
 from sidecar.shell.metrics import Metrics
 from sidecar.shell.proxy import Proxy
+from sidecar.shell.reload import Reloader
 from sidecar.shell.runtime import Runtime
+from sidecar.shell.state import Overrides, resolve_state_dir
 
 log = logging.getLogger("sidecar.server")
 
@@ -47,7 +50,7 @@ class Sidecar:
     """One sidecar process's serving state. `await run()` serves until stopped."""
 
     def __init__(self, loaded: LoadedConfig, *, install_signals: bool = False,
-                 access_log_fd: int | None = None) -> None:
+                 access_log_fd: int | None = None, config_poll_s: float | None = None) -> None:
         self.loaded = loaded
         self.config_path: Path | None = loaded.path
         self.metrics = Metrics()
@@ -60,6 +63,13 @@ class Sidecar:
         self.admin_port = 0
         self._install_signals = install_signals
         self._stop: asyncio.Event = asyncio.Event()
+        # operations (issue 7): reload, weight overrides, and the parts /admin/status is made of
+        self.started_at = time.time()
+        self.overrides = Overrides(resolve_state_dir(plan.config.state_dir, loaded.path))
+        self.reloader = Reloader(self, poll_s=config_poll_s)
+        # each capability adds one callable: () -> {"mirrors": ...}, or (backend) -> {"circuit": ...}
+        self.status_providers: list[StatusProvider] = []
+        self.backend_status_providers: list[BackendStatusProvider] = []
 
     @property
     def proxy_url(self) -> str:
@@ -92,8 +102,10 @@ class Sidecar:
         if self._install_signals:
             loop.add_signal_handler(signal.SIGTERM, self.request_stop)
             loop.add_signal_handler(signal.SIGINT, self.request_stop)
+            loop.add_signal_handler(signal.SIGHUP, self.reloader.request, "SIGHUP")
         code = 0
         try:
+            await self._restore_state()
             proxy_sock = bind(*plan.listen)
             admin_sock = bind(*plan.admin_listen)
             self.proxy_port = proxy_sock.getsockname()[1]
@@ -102,7 +114,8 @@ class Sidecar:
             await proxy_site.start()
             await web.SockSite(admin_runner, admin_sock).start()
             async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(self.access_log.run(), name="access-log")]
+                tasks = [tg.create_task(self.access_log.run(), name="access-log"),
+                         tg.create_task(self.reloader.run(), name="config-watcher")]
                 self.ready.set()
                 log.info("serving on %s:%d, admin on %s:%d, config %s",
                          *plan.listen, *plan.admin_listen, plan.version)
@@ -114,11 +127,20 @@ class Sidecar:
             if self._install_signals:
                 loop.remove_signal_handler(signal.SIGTERM)
                 loop.remove_signal_handler(signal.SIGINT)
+                loop.remove_signal_handler(signal.SIGHUP)
             await proxy_runner.cleanup()
             await admin_runner.cleanup()
             await self.proxy.runtime.close()
+            await self.reloader.close_retired()
         log.info("stopped (exit code %d)", code)
         return code
+
+    async def _restore_state(self) -> None:
+        """Weight overrides from state_dir; those of routes changed since are dropped (SPEC 8)."""
+        await asyncio.to_thread(self.overrides.load, self.proxy.runtime.plan)
+        self.overrides.apply(self.proxy.runtime, "config changed since the state was saved")
+        if self.overrides.dirty:
+            await self.overrides.save()
 
     async def _drain(self, proxy_site: web.SockSite, proxy_server: web.Server) -> int:
         drain = self.proxy.runtime.plan.drain
