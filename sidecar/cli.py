@@ -1,7 +1,9 @@
-"""The `sidecar` command: run, validate, schema, demo (SPEC 7).
+"""The `sidecar` command: run, validate, schema, demo; status, reload, weights (SPEC 7).
 
-Exit codes: 0 success; 1 an invalid config or a drain that had to cut requests; 2 usage.
-Imports: everything below it (core, config, shell, demo).
+Exit codes: 0 success; 1 an invalid config, a drain that had to cut requests, or an admin
+call the sidecar refused (4xx/5xx: rejected reload, unknown route, bad weights, no token);
+2 usage; 3 the admin API could not be reached.
+Imports: everything below it (core, config, shell, demo, adminclient).
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import logging.handlers
 import os
 import queue
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import orjson
 
 from sidecar import __version__
+from sidecar.adminclient import AdminClient, AdminRefused, AdminUnreachable, default_admin, default_token
 from sidecar.config.load import load_config
 from sidecar.config.model import Config
 from sidecar.errors import ConfigError
@@ -145,6 +149,134 @@ def cmd_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- admin client commands ----------------------------------------------------------------------
+
+EXIT_REFUSED = 1
+EXIT_UNREACHABLE = 3
+
+
+def _admin_call(args: argparse.Namespace, call: Callable[[AdminClient], Any]) -> tuple[int, Any]:
+    client = AdminClient(args.admin, args.token, timeout_s=args.timeout)
+    try:
+        return 0, call(client)
+    except AdminUnreachable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE, None
+    except AdminRefused as e:
+        hint = ""
+        if e.status == 401:
+            hint = " (pass --token or set SIDECAR_ADMIN_TOKEN)"
+        print(f"error: the admin API refused: {e.message}{hint}", file=sys.stderr)
+        for err in (e.doc or {}).get("error", {}).get("errors", []) if isinstance(e.doc, dict) else []:
+            print(f"  {err}", file=sys.stderr)
+        return EXIT_REFUSED, e.doc
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return [fmt.format(*header).rstrip(), *(fmt.format(*map(str, r)).rstrip() for r in rows)]
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{1000 * x:.1f}ms"
+
+
+def format_status(doc: dict[str, Any]) -> str:
+    """The `sidecar status` table: a readable summary of /admin/status."""
+    lines = [f"config {doc['version']}  up {doc['uptime_s']:.0f}s  {doc['inflight']} in flight"
+             f"{'  DRAINING' if doc.get('draining') else ''}"]
+    last = doc.get("last_reload")
+    if last:
+        lines.append(f"last reload: {last['result']} ({last['reason']}) -> {last['version']}")
+        lines.extend(f"  error: {e}" for e in last.get("errors", []))
+        lines.extend(f"  warning: {w}" for w in last.get("warnings", []))
+    lines.append("")
+    rows = [[r["name"], b, f"{r['weights'][b]:g}", f"{r['current_weights'][b]:g}", _pct(r["effective"][b]),
+             "override" if r["override"] else ""]
+            for r in doc["routes"] for b in r["backends"]]
+    lines += _table(["ROUTE", "BACKEND", "CONFIGURED", "IN USE", "EFFECTIVE", ""], rows)
+    lines.append("")
+    rows = []
+    for b in doc["backends"]:
+        health = ("available" if b["available"] else "at capacity") if b.get("healthy") is None \
+            else ("healthy" if b["healthy"] else "UNHEALTHY")
+        rows.append([b["name"], health, b.get("circuit") or "-", str(b["inflight"]), _ms(b.get("p50_s")),
+                     _ms(b.get("p95_s")), _ms(b.get("p99_s")), _pct(b.get("error_rate")), b["url"]])
+    lines += _table(["BACKEND", "HEALTH", "CIRCUIT", "INFLIGHT", "P50", "P95", "P99", "ERRORS", "URL"], rows)
+    known = {"sidecar_version", "version", "config_path", "state_dir", "started_at", "uptime_s", "ready",
+             "draining", "inflight", "last_reload", "routes", "backends"}
+    for key, value in doc.items():
+        if key not in known:
+            lines += ["", f"{key}:", orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()]
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    code, doc = _admin_call(args, AdminClient.status)
+    if code == 0:
+        print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() if args.json else format_status(doc))
+    return code
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    code, doc = _admin_call(args, AdminClient.reload)
+    if code == 0:
+        if doc["result"] == "unchanged":
+            print(f"config unchanged (version {doc['version']})")
+        else:
+            print(f"reloaded: {doc['previous_version']} -> {doc['version']}")
+        for w in doc.get("warnings", []):
+            print(f"  warning: {w}")
+        for r in doc.get("cleared_overrides", []):
+            print(f"  weight override of route {r} cleared (the route changed)")
+    return code
+
+
+def _parse_weights(pairs: Sequence[str]) -> dict[str, float] | None:
+    """`["stable=0", "canary=100"]` -> weights; None (after a message) when a pair is malformed."""
+    weights: dict[str, float] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            weights[name] = float(value)
+        except ValueError:
+            print(f"error: expected BACKEND=WEIGHT, got {pair!r}", file=sys.stderr)
+            return None
+    return weights
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    if args.clear:
+        if args.weights:
+            print("error: --clear takes no BACKEND=WEIGHT", file=sys.stderr)
+            return 2
+        code, doc = _admin_call(args, lambda c: c.clear_weights(args.route))
+    else:
+        if not args.weights:
+            print("error: give BACKEND=WEIGHT pairs, or --clear", file=sys.stderr)
+            return 2
+        weights = _parse_weights(args.weights)
+        if weights is None:
+            return 2
+        code, doc = _admin_call(args, lambda c: c.set_weights(args.route, weights))
+    if code == 0:
+        shares = ", ".join(f"{b}={doc['current_weights'][b]:g} ({_pct(doc['effective'][b])})"
+                           for b in doc["backends"])
+        what = "override" if doc["override"] else "configured weights"
+        print(f"route {doc['name']}: {shares} [{what}]")
+        if not doc.get("persisted", True):
+            print("  warning: could not write state_dir; the override will not survive a restart",
+                  file=sys.stderr)
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sidecar", description="A traffic manager for ML model servers.")
     p.add_argument("--version", action="version", version=f"model-sidecar {__version__}")
@@ -174,6 +306,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="start example model servers and the sidecar, drive traffic, show it")
     demo.add_argument("--seconds", type=float, default=8.0)
     demo.set_defaults(func=cmd_demo)
+
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument("--admin", default=default_admin(),
+                        help="admin API URL (default: SIDECAR_ADMIN or http://127.0.0.1:9901)")
+    client.add_argument("--token", default=default_token(), help="admin token (default: SIDECAR_ADMIN_TOKEN)")
+    client.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the admin API")
+
+    st = sub.add_parser("status", parents=[client], help="show routes, weights and backends of a running sidecar")
+    st.add_argument("--json", action="store_true", help="print /admin/status as JSON")
+    st.set_defaults(func=cmd_status)
+
+    rl = sub.add_parser("reload", parents=[client], help="reload the config file of a running sidecar now")
+    rl.set_defaults(func=cmd_reload)
+
+    wt = sub.add_parser("weights", parents=[client],
+                        help="override a route's weights at runtime, e.g. `weights fraud stable=0 canary=100`")
+    wt.add_argument("route")
+    wt.add_argument("weights", nargs="*", metavar="BACKEND=WEIGHT")
+    wt.add_argument("--clear", action="store_true", help="drop the override: back to the configured weights")
+    wt.set_defaults(func=cmd_weights)
     return p
 
 

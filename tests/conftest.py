@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -13,7 +14,7 @@ import pytest
 import uvloop
 import yaml
 
-from sidecar.config.load import LoadedConfig, config_version, parse_config
+from sidecar.config.load import LoadedConfig, config_version, load_config, parse_config
 from sidecar.shell.server import Sidecar
 from tests.upstreams import UpstreamFactory
 
@@ -50,10 +51,17 @@ async def upstreams() -> AsyncIterator[UpstreamFactory]:
 async def make_sidecar() -> AsyncIterator[MakeSidecar]:
     running: list[tuple[Sidecar, asyncio.Task[int]]] = []
 
-    async def make(config: dict[str, Any], *, access_log_fd: int | None = None) -> Sidecar:
+    async def make(config: dict[str, Any], *, access_log_fd: int | None = None, path: Path | None = None,
+                   config_poll_s: float | None = None) -> Sidecar:
+        """With `path`, the config is written there and loaded from it, so it can be reloaded."""
         text = yaml.safe_dump(sidecar_config(config))
-        cfg, secrets = parse_config(text, env=os.environ)
-        sc = Sidecar(LoadedConfig(cfg, config_version(cfg), None, secrets), access_log_fd=access_log_fd)
+        if path is not None:
+            await asyncio.to_thread(path.write_text, text)
+            loaded = await asyncio.to_thread(load_config, path)
+        else:
+            cfg, secrets = parse_config(text, env=os.environ)
+            loaded = LoadedConfig(cfg, config_version(cfg), None, secrets)
+        sc = Sidecar(loaded, access_log_fd=access_log_fd, config_poll_s=config_poll_s)
         task = asyncio.ensure_future(sc.run())
         ready = asyncio.ensure_future(sc.ready.wait())
         await asyncio.wait({task, ready}, timeout=10, return_when=asyncio.FIRST_COMPLETED)

@@ -127,4 +127,6 @@ def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Lo
     except UnicodeDecodeError:
         raise ConfigError([ConfigIssue(str(p), "config file is not UTF-8 text")]) from None
     config, secrets = parse_config(text, env=env, source=str(p))
-    return LoadedConfig(config, config_version(config), p.resolve(), secrets)
+    # absolute, not resolved: a Kubernetes ConfigMap swaps the `..data` symlink under the same path,
+    # and a reload must read the path again, not the folder it pointed to then
+    return LoadedConfig(config, config_version(config), p.absolute(), secrets)

@@ -424,6 +424,8 @@ class Config(_Model):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     drain: DrainConfig = Field(default_factory=DrainConfig)
     access_log: bool = True
+    state_dir: str | None = Field(
+        default=None, description="folder for runtime weight overrides (survive restarts); relative to the config file")
     backends: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=64)], BackendConfig] = Field(
         min_length=1)
     routes: list[RouteConfig] = Field(min_length=1)

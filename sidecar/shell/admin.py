@@ -1,36 +1,134 @@
-"""The admin listener: liveness, readiness, Prometheus metrics.
+"""The admin listener (SPEC 5): liveness, readiness, metrics, status, config, reload, weights, page.
 
-`/healthz` is 200 while the process serves and `/readyz` 200 once config is loaded and the
-listeners are up, 503 while draining; neither depends on a backend's health (SPEC 7), so a
-sick model never restarts or unreadies the sidecar.
+    GET    /healthz                          200 while the process serves          (no auth)
+    GET    /readyz                           200 when ready, 503 while draining    (no auth)
+    GET    /metrics                          Prometheus text                       (no auth)
+    GET    /                                 the status page (static HTML; its data needs the token)
+    GET    /admin/status                     everything an operator looks at, as JSON
+    GET    /admin/config                     the running config, secrets masked, with its version
+    POST   /admin/reload                     reload the file now: 200 + version, or 400 + errors
+    PUT    /admin/routes/{route}/weights     runtime weight override (partial body)
+    DELETE /admin/routes/{route}/weights     drop the override: back to the config's weights
+    GET    /admin/openapi.json               OpenAPI 3.1 of all of the above
 
-Imports: stdlib, aiohttp, prometheus_client, sidecar.shell.
+Auth (one middleware, `_guard`): with `admin.token` set, every path but /healthz, /readyz,
+/metrics and the page itself needs `Authorization: Bearer <token>`, compared in constant
+time (hmac.compare_digest), else 401. Without a token, a listener that is not on loopback
+answers 403 to every mutating call (anything but GET/HEAD). The token is read from the
+running config on every call, so a reload can set or rotate it.
+
+Errors are JSON as SPEC 3.4: `{"error": {"type", "message", ...}}`.
+
+`/healthz` and `/readyz` never depend on a backend's health (SPEC 7).
+
+/admin/status is assembled from parts, so each capability adds itself with one line:
+`sidecar.status_providers` (() -> {"mirrors": ...}) add top-level sections and
+`sidecar.backend_status_providers` ((backend) -> {"circuit": "open", ...}) add fields to
+each backend's entry. A failing provider is logged and left out; the rest still answers.
+
+Imports: stdlib, aiohttp, orjson, prometheus_client, sidecar.config, sidecar.shell.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+import hmac
+import ipaddress
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from importlib import resources
+from typing import TYPE_CHECKING, Any, Final
 
+import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
+
+from sidecar import __version__
+from sidecar.config.load import place_of
+from sidecar.config.plan import Plan, RoutePlan
+from sidecar.shell.openapi import openapi_document
+from sidecar.shell.reload import Result
+from sidecar.shell.runtime import Runtime
+from sidecar.shell.state import InvalidWeights, merge_weights
 
 if TYPE_CHECKING:
     from sidecar.shell.server import Sidecar
 
+log = logging.getLogger("sidecar.admin")
+
 SIDECAR_KEY: web.AppKey[Sidecar] = web.AppKey("sidecar")
+PAGE_KEY: web.AppKey[bytes] = web.AppKey("status_page")
+
+StatusProvider = Callable[[], Mapping[str, Any]]
+BackendStatusProvider = Callable[[str], Mapping[str, Any]]
+
+PUBLIC_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics", "/"})
+SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+MASK: Final = "***"
+_URL_PASSWORD = re.compile(r"(?P<pre>\b[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*:)[^/@\s]+@")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(doc: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(doc), status=status, content_type="application/json",
+                        headers=headers)
+
+
+def admin_error(status: int, type_: str, message: str, **extra: Any) -> web.Response:
+    headers = {"www-authenticate": 'Bearer realm="sidecar-admin"'} if status == 401 else None
+    return json_response({"error": {"type": type_, "message": message, **extra}}, status, headers)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False            # "" (every interface) or a host name: not loopback
+
+
+# -- auth ----------------------------------------------------------------------------------------
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path not in PUBLIC_PATHS or request.method not in SAFE_METHODS:
+        plan = request.app[SIDECAR_KEY].proxy.runtime.plan
+        if plan.admin_token:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                     plan.admin_token.encode()):
+                return admin_error(401, "unauthorized", "this admin API needs 'Authorization: Bearer <token>'")
+        elif request.method not in SAFE_METHODS and not is_loopback(plan.admin_listen[0]):
+            return admin_error(403, "forbidden", "the admin listener is not on loopback and no admin.token is "
+                                                 "set: changes are refused; set admin.token")
+    try:
+        return await handler(request)
+    except web.HTTPException as e:   # aiohttp's own 404/405: JSON like every other admin error
+        if e.status < 400:
+            raise
+        return admin_error(e.status, "not_found" if e.status == 404 else "method_not_allowed"
+                           if e.status == 405 else "bad_request", e.reason)
+
+
+# -- liveness, readiness, metrics -------------------------------------------------------------------
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
     sidecar = request.app[SIDECAR_KEY]
     if sidecar.draining:
-        return web.json_response({"status": "draining"}, status=503)
+        return json_response({"status": "draining"}, status=503)
     if not sidecar.ready.is_set():
-        return web.json_response({"status": "starting"}, status=503)
-    return web.json_response({"status": "ready", "version": sidecar.proxy.runtime.plan.version})
+        return json_response({"status": "starting"}, status=503)
+    return json_response({"status": "ready", "version": sidecar.proxy.runtime.plan.version})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -42,17 +140,221 @@ async def mirrors(request: web.Request) -> web.Response:
     """GET /admin/mirrors: per route and shadow, see shell/mirror.py `Mirrors.status_json` (issue 5)."""
     sidecar = request.app[SIDECAR_KEY]
     return web.json_response({"mirrors": sidecar.mirrors.status_json(sidecar.proxy.runtime.plan)})
+
+
 async def drift(request: web.Request) -> web.Response:
     """Issue 6: per route, backend and feature, the last drift pass (shell/monitor.py)."""
     return web.json_response(request.app[SIDECAR_KEY].proxy.runtime.monitor.drift_json())
 
 
+# -- status ---------------------------------------------------------------------------------------------
+
+
+def mask_url(value: str) -> str:
+    """`http://user:pass@host` -> `http://user:***@host` (SPEC 8)."""
+    return _URL_PASSWORD.sub(rf"\g<pre>{MASK}@", value)
+
+
+def route_status(sidecar: Sidecar, rt: Runtime, route: RoutePlan) -> dict[str, Any]:
+    split = rt.splits[route.name]
+    shares = split.shares(rt.available(route.name))
+    override = sidecar.overrides.by_route.get(route.name)
+    return {
+        "name": route.name,
+        "match": {"path_prefix": route.path_prefix,
+                  "methods": sorted(route.methods) if route.methods is not None else None,
+                  "headers": dict(route.headers)},
+        "backends": list(route.backends),
+        "weights": dict(zip(route.split.names, route.split.weights, strict=True)),   # configured
+        "override": override is not None and override.fingerprint == route.fingerprint,
+        "override_weights": dict(override.weights) if override is not None else None,
+        "current_weights": dict(zip(split.names, split.weights, strict=True)),
+        "effective": dict(zip(split.names, shares, strict=True)),
+        "sticky": route.sticky_header,
+        "override_header": route.override_header,
+        "timeout_s": route.timeout_s,
+        "rollout": None,          # no rollout capability yet (docs/operations.md)
+        "fingerprint": route.fingerprint,
+    }
+
+
+def backend_status(sidecar: Sidecar, rt: Runtime, name: str) -> dict[str, Any]:
+    plan = rt.plan.backends[name]
+    backend = rt.backends[name]
+    now = asyncio.get_running_loop().time()
+    latency = rt.monitor.backend_summary(name)
+    endpoints = backend.endpoints
+    doc: dict[str, Any] = {
+        "name": name,
+        "url": mask_url(plan.endpoints[0].url) if len(plan.endpoints) == 1 else None,
+        "endpoints": [{"url": mask_url(ep.url), "inflight": backend.pools[i].inflight,
+                       "healthy": endpoints.healthy[i], "ejected": endpoints.is_ejected(i, now)}
+                      for i, ep in enumerate(plan.endpoints)],
+        "inflight": backend.inflight,
+        "max_inflight": plan.max_inflight,
+        "max_connections": plan.max_connections,
+        "available": backend.available(now),
+        "healthy": endpoints.available(now),
+        "circuit": str(backend.circuit_state(now)),
+        # rolling window of the last requests (shell/monitor.py), every route together
+        "p50_s": latency.p50 if latency else None,
+        "p95_s": latency.p95 if latency else None,
+        "p99_s": latency.p99 if latency else None,
+        "error_rate": latency.error_rate if latency else None,
+        "requests": latency.count if latency else 0,
+        "fingerprint": plan.fingerprint,
+    }
+    for provide in sidecar.backend_status_providers:
+        try:
+            doc.update(provide(name))
+        except Exception:
+            log.exception("backend status provider %r failed for %s", provide, name)
+    return doc
+
+
+def status_document(sidecar: Sidecar) -> dict[str, Any]:
+    rt = sidecar.proxy.runtime
+    plan = rt.plan
+    last = sidecar.reloader.last
+    now = time.time()
+    doc: dict[str, Any] = {
+        "sidecar_version": __version__,
+        "version": plan.version,
+        "config_path": str(sidecar.config_path) if sidecar.config_path else None,
+        "state_dir": str(sidecar.overrides.state_dir) if sidecar.overrides.state_dir else None,
+        "started_at": sidecar.started_at,
+        "uptime_s": round(now - sidecar.started_at, 3),
+        "ready": sidecar.ready.is_set(),
+        "draining": sidecar.draining,
+        "inflight": sidecar.proxy.inflight,
+        "last_reload": last.as_json() if last is not None else None,
+        "routes": [route_status(sidecar, rt, r) for r in plan.routes],
+        "backends": [backend_status(sidecar, rt, name) for name in plan.backends],
+    }
+    for provide in sidecar.status_providers:
+        try:
+            doc.update(provide())
+        except Exception:
+            log.exception("status provider %r failed", provide)
+    return doc
+
+
+async def status(request: web.Request) -> web.Response:
+    return json_response(status_document(request.app[SIDECAR_KEY]))
+
+
+# -- config ---------------------------------------------------------------------------------------------
+
+
+def masked_config(plan: Plan) -> dict[str, Any]:
+    """The running config as JSON with admin.token, URL passwords and `${*TOKEN*}`-like values masked."""
+    secret = plan.secret_places
+
+    def walk(node: Any, loc: list[int | str]) -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v, [*loc, k]) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, [*loc, i]) for i, v in enumerate(node)]
+        if secret and place_of(loc) in secret and node not in (None, ""):
+            return MASK
+        if isinstance(node, str):
+            return mask_url(node)
+        return node
+
+    doc: dict[str, Any] = walk(plan.config.model_dump(mode="json"), [])
+    if doc["admin"]["token"]:
+        doc["admin"]["token"] = MASK
+    return doc
+
+
+async def config(request: web.Request) -> web.Response:
+    sidecar = request.app[SIDECAR_KEY]
+    plan = sidecar.proxy.runtime.plan
+    return json_response({"version": plan.version,
+                          "path": str(sidecar.config_path) if sidecar.config_path else None,
+                          "config": masked_config(plan)})
+
+
+# -- reload and weights -------------------------------------------------------------------------------------
+
+
+async def reload(request: web.Request) -> web.Response:
+    res = await request.app[SIDECAR_KEY].reloader.reload("admin")
+    if res.result is Result.ERROR:
+        return admin_error(400, "invalid_config", f"config rejected; still running {res.version}",
+                           errors=list(res.errors), reload=res.as_json())
+    return json_response(res.as_json())
+
+
+def _route_or_404(sidecar: Sidecar, name: str) -> RoutePlan | web.Response:
+    plan = sidecar.proxy.runtime.plan
+    route = plan.routes_by_name.get(name)
+    if route is None:
+        return admin_error(404, "not_found", f"unknown route {name!r} (known: {', '.join(plan.routes_by_name)})")
+    return route
+
+
+async def put_weights(request: web.Request) -> web.Response:
+    sidecar = request.app[SIDECAR_KEY]
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        return admin_error(400, "invalid_weights", f"the body is not JSON: {e}")
+    # from here to `set` nothing awaits: the route and runtime are the ones now serving
+    route = _route_or_404(sidecar, request.match_info["route"])
+    if isinstance(route, web.Response):
+        return route
+    rt = sidecar.proxy.runtime
+    try:
+        weights = merge_weights(route, sidecar.overrides.weights_of(route), body)
+    except InvalidWeights as e:
+        return admin_error(400, "invalid_weights", str(e), route=route.name)
+    sidecar.overrides.set(rt, route, weights)
+    log.info("weights of route %s set by the admin API: %s", route.name,
+             ", ".join(f"{b}={w:g}" for b, w in weights.items()))
+    persisted = await sidecar.overrides.save()
+    return json_response({**route_status(sidecar, rt, route), "persisted": persisted})
+
+
+async def delete_weights(request: web.Request) -> web.Response:
+    sidecar = request.app[SIDECAR_KEY]
+    route = _route_or_404(sidecar, request.match_info["route"])
+    if isinstance(route, web.Response):
+        return route
+    rt = sidecar.proxy.runtime
+    if sidecar.overrides.clear(rt, route):
+        log.info("weight override of route %s cleared by the admin API", route.name)
+    persisted = await sidecar.overrides.save()
+    return json_response({**route_status(sidecar, rt, route), "persisted": persisted})
+
+
+# -- page and API description ---------------------------------------------------------------------------
+
+
+async def page(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[PAGE_KEY], content_type="text/html", charset="utf-8",
+                        headers={"cache-control": "no-store"})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return json_response(openapi_document())
+
+
 def build_admin_app(sidecar: Sidecar) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[_guard])
     app[SIDECAR_KEY] = sidecar
+    app[PAGE_KEY] = resources.files("sidecar.shell").joinpath("static/status.html").read_bytes()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/", page)
+    app.router.add_get("/admin/status", status)
+    app.router.add_get("/admin/config", config)
+    app.router.add_post("/admin/reload", reload)
+    app.router.add_put("/admin/routes/{route}/weights", put_weights)
+    app.router.add_delete("/admin/routes/{route}/weights", delete_weights)
+    app.router.add_get("/admin/openapi.json", openapi)
     app.router.add_get("/admin/mirrors", mirrors)  # mirror
     app.router.add_get("/admin/drift", drift)  # issue 6
     return app

@@ -201,12 +201,14 @@ class Metrics:
             rb)
         self.config_info = CallbackGauge("config_info", "The running config's version (value is always 1).",
                                          ("version",))
+        self.config_reloads = CounterFamily(
+            "config_reloads_total", "Config reloads by result: ok, unchanged, error (rejected).", ("result",))
         self.families: list[CounterFamily | GaugeFamily | HistogramFamily | CallbackGauge] = [
             self.requests, self.request_duration, self.ttfb, self.shed, self.override_ignored,
             self.access_log_dropped, self.stream_broken, self.client_disconnects, self.inflight,
             self.route_weight, self.config_info, self.upstream_attempts, self.retries,
             self.retry_budget_exhausted, self.retries_skipped, self.fallbacks, self.circuit_state,
-            self.backend_healthy, self.endpoint_ejected,
+            self.backend_healthy, self.endpoint_ejected, self.config_reloads,
         ]
         # mirror: shadow copies (shell/mirror.py documents the outcome values)
         self.mirror_requests = CounterFamily(

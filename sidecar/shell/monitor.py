@@ -471,6 +471,11 @@ class Monitor:
             "backends": {b: w.summary().to_json() for b, w in self._backend_latency.items()},
         }
 
+    def backend_summary(self, backend: str) -> LatencySummary | None:
+        """Latency and errors of a backend over all routes (for `/admin/status`)."""
+        w = self._backend_latency.get(backend)
+        return w.summary() if w is not None else None
+
     def summary(self, route: str, backend: str) -> LatencySummary | None:
         cell = self._latency.get((route, backend))
         return cell.route_window.summary() if cell is not None else None

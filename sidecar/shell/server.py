@@ -19,18 +19,22 @@ import logging
 import random
 import signal
 import socket
+import time
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from sidecar.config.load import LoadedConfig
 from sidecar.config.plan import Plan
 from sidecar.shell.accesslog import AccessLog
-from sidecar.shell.admin import build_admin_app
+from sidecar.shell.admin import BackendStatusProvider, StatusProvider, build_admin_app
 from sidecar.shell.metrics import Metrics
 from sidecar.shell.mirror import Mirrors
 from sidecar.shell.proxy import Proxy
+from sidecar.shell.reload import Reloader
 from sidecar.shell.runtime import Runtime
+from sidecar.shell.state import Overrides, resolve_state_dir
 
 log = logging.getLogger("sidecar.server")
 
@@ -48,7 +52,7 @@ class Sidecar:
     """One sidecar process's serving state. `await run()` serves until stopped."""
 
     def __init__(self, loaded: LoadedConfig, *, install_signals: bool = False,
-                 access_log_fd: int | None = None) -> None:
+                 access_log_fd: int | None = None, config_poll_s: float | None = None) -> None:
         self.loaded = loaded
         self.config_path: Path | None = loaded.path
         self.metrics = Metrics()
@@ -63,6 +67,23 @@ class Sidecar:
         self._install_signals = install_signals
         self._stop: asyncio.Event = asyncio.Event()
         self.health_tasks: list[asyncio.Task[None]] = []
+        self._tg: asyncio.TaskGroup | None = None
+        # operations (issue 7): reload, weight overrides, and the parts /admin/status is made of
+        self.started_at = time.time()
+        self.overrides = Overrides(resolve_state_dir(plan.config.state_dir, loaded.path))
+        self.reloader = Reloader(self, poll_s=config_poll_s)
+        # each capability adds one callable: () -> {"mirrors": ...}, or (backend) -> {"circuit": ...}
+        self.status_providers: list[StatusProvider] = [self._mirror_status, self._drift_status]
+        self.backend_status_providers: list[BackendStatusProvider] = []
+
+    def _mirror_status(self) -> dict[str, Any]:
+        """Mirrors in /admin/status: one row per (route, shadow); disagreements stay in /admin/mirrors."""
+        rows = self.mirrors.status_json(self.proxy.runtime.plan)
+        return {"mirrors": [{k: v for k, v in row.items() if k != "disagreements"} for row in rows]}
+
+    def _drift_status(self) -> dict[str, Any]:
+        """Drift in /admin/status: one row per (route, backend, feature) of the last pass."""
+        return {"drift": [row.to_json() for row in self.proxy.runtime.monitor.drift_rows()]}
 
     @property
     def proxy_url(self) -> str:
@@ -95,8 +116,10 @@ class Sidecar:
         if self._install_signals:
             loop.add_signal_handler(signal.SIGTERM, self.request_stop)
             loop.add_signal_handler(signal.SIGINT, self.request_stop)
+            loop.add_signal_handler(signal.SIGHUP, self.reloader.request, "SIGHUP")
         code = 0
         try:
+            await self._restore_state()
             proxy_sock = bind(*plan.listen)
             admin_sock = bind(*plan.admin_listen)
             self.proxy_port = proxy_sock.getsockname()[1]
@@ -105,35 +128,50 @@ class Sidecar:
             await proxy_site.start()
             await web.SockSite(admin_runner, admin_sock).start()
             async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(self.access_log.run(), name="access-log")]
-                tasks.append(tg.create_task(self.proxy.runtime.monitor.run(), name="monitor"))  # issue 6
-                tasks += self.start_health_checks(tg)
+                tasks = [tg.create_task(self.access_log.run(), name="access-log"),
+                         tg.create_task(self.reloader.run(), name="config-watcher"),
+                         tg.create_task(self.proxy.runtime.monitor.run(), name="monitor")]
+                self._tg = tg
+                self.start_health_checks()
                 self.ready.set()
                 log.info("serving on %s:%d, admin on %s:%d, config %s",
                          plan.listen[0], self.proxy_port, plan.admin_listen[0], self.admin_port, plan.version)
                 await self._stop.wait()
                 code = await self._drain(proxy_site, proxy_server)
-                for task in tasks:
+                self._tg = None
+                for task in [*tasks, *self.health_tasks]:
                     task.cancel()
         finally:
             if self._install_signals:
                 loop.remove_signal_handler(signal.SIGTERM)
                 loop.remove_signal_handler(signal.SIGINT)
+                loop.remove_signal_handler(signal.SIGHUP)
             await proxy_runner.cleanup()
             await admin_runner.cleanup()
             await self.mirrors.drain(0)  # mirror: none may outlive the pools (no-op after _drain)
             await self.proxy.runtime.close()
+            await self.reloader.close_retired()
         log.info("stopped (exit code %d)", code)
         return code
 
-    def start_health_checks(self, tg: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
-        """Start the active health checks of the running config in `tg` (shell/health.py).
-
-        A reload should cancel the tasks this returned and call it again for the new runtime.
-        """
+    def start_health_checks(self) -> None:
+        """(Re)start the active health checks of the running config (shell/health.py) in the
+        TaskGroup; a reload calls it after the swap (kept backends keep their health state)."""
+        for task in self.health_tasks:
+            task.cancel()
+        tg = self._tg
+        if tg is None:  # not serving yet (or any more): run() starts them
+            self.health_tasks = []
+            return
         self.health_tasks = [tg.create_task(hc.run(), name=f"health-{hc.backend.name}")
                              for hc in self.proxy.runtime.health_checkers()]
-        return self.health_tasks
+
+    async def _restore_state(self) -> None:
+        """Weight overrides from state_dir; those of routes changed since are dropped (SPEC 8)."""
+        await asyncio.to_thread(self.overrides.load, self.proxy.runtime.plan)
+        self.overrides.apply(self.proxy.runtime, "config changed since the state was saved")
+        if self.overrides.dirty:
+            await self.overrides.save()
 
     async def _drain(self, proxy_site: web.SockSite, proxy_server: web.Server) -> int:
         drain = self.proxy.runtime.plan.drain

@@ -1,0 +1,214 @@
+"""The admin API described as OpenAPI 3.1, served at `/admin/openapi.json` (SPEC 8).
+
+Hand-written on purpose: the admin API is small and its shapes are the contract, so they are
+written down here rather than inferred. `tests/shell/test_admin.py` checks that every route
+registered on the admin app is documented here with its method. A capability that adds an
+admin route adds its path with `add_path` (or edits `_paths`).
+
+Imports: stdlib, sidecar (version).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sidecar import __version__
+
+_NUM_OR_NULL = {"type": ["number", "null"]}
+_STR_OR_NULL = {"type": ["string", "null"]}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_ERR = {
+    "401": _json(_ref("Error"), "a token is set and the request does not carry it"),
+}
+_MUTATING_ERR = {
+    **_ERR,
+    "403": _json(_ref("Error"), "no token is set and the admin listener is not on loopback"),
+}
+_ROUTE_PARAM = [{"name": "route", "in": "path", "required": True, "schema": {"type": "string"},
+                 "description": "a route name from the config"}]
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object", "required": ["error"],
+        "properties": {"error": {
+            "type": "object", "required": ["type", "message"],
+            "properties": {
+                "type": {"type": "string", "examples": ["unauthorized", "forbidden", "not_found",
+                                                        "invalid_weights", "invalid_config"]},
+                "message": {"type": "string"},
+                "errors": {"type": "array", "items": {"type": "string"},
+                           "description": "invalid_config: every problem, each naming its place"},
+                "route": {"type": "string"},
+                "reload": _ref("ReloadResult"),
+            }}},
+    },
+    "ReloadResult": {
+        "type": "object",
+        "properties": {
+            "at": {"type": "number", "description": "Unix time (seconds)"},
+            "reason": {"type": "string", "examples": ["admin", "SIGHUP", "file changed"]},
+            "result": {"enum": ["ok", "unchanged", "error"]},
+            "version": {"type": "string", "description": "the config version running after the reload"},
+            "previous_version": {"type": "string"},
+            "errors": {"type": "array", "items": {"type": "string"}},
+            "warnings": {"type": "array", "items": {"type": "string"}},
+            "cleared_overrides": {"type": "array", "items": {"type": "string"},
+                                  "description": "routes whose weight override the reload cleared"},
+        },
+    },
+    "Weights": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0},
+                "description": "backend name -> weight"},
+    "Shares": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0, "maximum": 1},
+               "description": "backend name -> share of traffic from 0 to 1"},
+    "RouteStatus": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "match": {"type": "object", "properties": {
+                "path_prefix": {"type": "string"},
+                "methods": {"type": ["array", "null"], "items": {"type": "string"}},
+                "headers": {"type": "object", "additionalProperties": {"type": "string"}}}},
+            "backends": {"type": "array", "items": {"type": "string"}},
+            "weights": {**_ref("Weights"), "description": "as configured"},
+            "override": {"type": "boolean", "description": "a runtime override is in force"},
+            "override_weights": {"anyOf": [_ref("Weights"), {"type": "null"}]},
+            "current_weights": {**_ref("Weights"), "description": "the weights in use: override or config"},
+            "effective": {**_ref("Shares"), "description": "after overrides and exclusions (unavailable backends)"},
+            "sticky": {**_STR_OR_NULL, "description": "the sticky key header"},
+            "override_header": _STR_OR_NULL,
+            "timeout_s": {"type": "number"},
+            "rollout": {"type": "null", "description": "rollout state; always null (no rollout capability yet)"},
+            "fingerprint": {"type": "string"},
+            "persisted": {"type": "boolean", "description": "weights calls only: written to state_dir (or none set)"},
+        },
+    },
+    "BackendStatus": {
+        "type": "object",
+        "description": "capabilities may add fields (backend status providers)",
+        "properties": {
+            "name": {"type": "string"},
+            "url": {"type": "string", "description": "passwords masked"},
+            "inflight": {"type": "integer"},
+            "max_inflight": {"type": ["integer", "null"]},
+            "max_connections": {"type": "integer"},
+            "available": {"type": "boolean", "description": "may take a new request (bulkhead not full)"},
+            "healthy": {"type": ["boolean", "null"], "description": "null without health checks"},
+            "circuit": {"enum": ["closed", "half_open", "open", None]},
+            "p50_s": _NUM_OR_NULL, "p95_s": _NUM_OR_NULL, "p99_s": _NUM_OR_NULL,
+            "error_rate": {**_NUM_OR_NULL, "description": "ratio 0 to 1"},
+            "fingerprint": {"type": "string"},
+        },
+    },
+    "Status": {
+        "type": "object",
+        "description": "capabilities add top-level sections (e.g. mirrors, drift) through status providers",
+        "properties": {
+            "sidecar_version": {"type": "string"},
+            "version": {"type": "string", "description": "config version (hash of the canonical config)"},
+            "config_path": _STR_OR_NULL,
+            "state_dir": _STR_OR_NULL,
+            "started_at": {"type": "number", "description": "Unix time (seconds)"},
+            "uptime_s": {"type": "number"},
+            "ready": {"type": "boolean"},
+            "draining": {"type": "boolean"},
+            "inflight": {"type": "integer", "description": "client requests in flight"},
+            "last_reload": {"anyOf": [_ref("ReloadResult"), {"type": "null"}]},
+            "routes": {"type": "array", "items": _ref("RouteStatus")},
+            "backends": {"type": "array", "items": _ref("BackendStatus")},
+            "mirrors": {"description": "present when mirroring is available"},
+            "drift": {"description": "present when monitoring is available"},
+        },
+    },
+}
+
+_paths: dict[str, dict[str, Any]] = {
+    "/healthz": {"get": {"summary": "liveness: 200 while the process serves", "security": [],
+                         "responses": {"200": _json({"type": "object"}, "serving")}}},
+    "/readyz": {"get": {"summary": "readiness: 200 once config is loaded and listeners are up", "security": [],
+                        "responses": {"200": _json({"type": "object"}, "ready"),
+                                      "503": _json({"type": "object"}, "starting or draining")}}},
+    "/metrics": {"get": {"summary": "Prometheus metrics", "security": [],
+                         "responses": {"200": {"description": "Prometheus text format",
+                                               "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+    "/": {"get": {"summary": "the status page (self-contained HTML; it asks for the token when one is set)",
+                  "security": [],
+                  "responses": {"200": {"description": "HTML",
+                                        "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+    "/admin/status": {"get": {"summary": "routes, effective weights, backends, reload state and capability sections",
+                              "responses": {"200": _json(_ref("Status"), "status"), **_ERR}}},
+    "/admin/config": {"get": {
+        "summary": "the running config with its version; admin.token, URL passwords and values from "
+                   "*TOKEN*/*SECRET*/*PASSWORD*/*KEY* variables masked as ***",
+        "responses": {"200": _json({"type": "object", "properties": {
+            "version": {"type": "string"}, "path": _STR_OR_NULL, "config": {"type": "object"}}}, "config"),
+            **_ERR}}},
+    "/admin/mirrors": {"get": {
+        "summary": "per route and shadow: sent, dropped, outcome counts, rolling agreement, last disagreements "
+                   "(redacted as the sample log is)",
+        "responses": {"200": _json({"type": "object", "properties": {"mirrors": {"type": "array", "items": {
+            "type": "object", "properties": {
+                "route": {"type": "string"}, "backend": {"type": "string"}, "percent": {"type": "number"},
+                "sent": {"type": "integer"}, "dropped": {"type": "integer"}, "inflight": {"type": "integer"},
+                "outcomes": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "agreement": _NUM_OR_NULL,
+                "disagreements": {"type": "array", "items": {"type": "object", "properties": {
+                    "request_id": {"type": "string"}, "path": {"type": "string"}, "primary": {},
+                    "shadow": {}, "at": {"type": "number"}}}}}}}}}, "mirrors"), **_ERR}}},
+    "/admin/drift": {"get": {
+        "summary": "per route, backend and feature, the last drift pass: test, statistic, p-value, PSI, "
+                   "samples on each side, drifted",
+        "responses": {"200": _json({"type": "object", "properties": {
+            "routes": {"type": "object"}, "last_pass_s": _NUM_OR_NULL}}, "drift"), **_ERR}}},
+    "/admin/reload": {"post": {
+        "summary": "re-read and validate the config file; swap it in when valid",
+        "responses": {"200": _json(_ref("ReloadResult"), "reloaded (result ok) or no change (result unchanged)"),
+                      "400": _json(_ref("Error"), "rejected (type invalid_config); the running config stays"),
+                      **_MUTATING_ERR}}},
+    "/admin/routes/{route}/weights": {
+        "parameters": _ROUTE_PARAM,
+        "put": {
+            "summary": "runtime weight override: backends not named keep their weight; cleared by a reload "
+                       "that changes the route; kept in state_dir when set",
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": _ref("Weights"), "examples": {"blue-green": {"value": {"stable": 0, "canary": 100}}}}}},
+            "responses": {"200": _json(_ref("RouteStatus"), "the route with its new weights"),
+                          "400": _json(_ref("Error"), "unknown backend, negative, not a number or all zero"),
+                          "404": _json(_ref("Error"), "unknown route"), **_MUTATING_ERR}},
+        "delete": {
+            "summary": "drop the route's override: back to the configured weights",
+            "responses": {"200": _json(_ref("RouteStatus"), "the route with its configured weights"),
+                          "404": _json(_ref("Error"), "unknown route"), **_MUTATING_ERR}},
+    },
+    "/admin/openapi.json": {"get": {"summary": "this document",
+                                    "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1"), **_ERR}}},
+}
+
+
+def add_path(path: str, item: dict[str, Any], schemas: dict[str, Any] | None = None) -> None:
+    """For capabilities that add an admin route: document it (and its schemas)."""
+    _paths[path] = {**_paths.get(path, {}), **item}
+    if schemas:
+        _SCHEMAS.update(schemas)
+
+
+def openapi_document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "model-sidecar admin API", "version": __version__,
+                 "description": "Durations are seconds, rates are ratios from 0 to 1. With admin.token set, "
+                                "every endpoint but /healthz, /readyz, /metrics and the page needs "
+                                "'Authorization: Bearer <token>'."},
+        "components": {"schemas": _SCHEMAS,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"bearer": []}],
+        "paths": _paths,
+    }
