@@ -16,6 +16,7 @@ import logging
 import logging.handlers
 import os
 import queue
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -331,4 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "run" and hasattr(signal, "SIGPIPE"):
+        # `sidecar schema | head` ends quietly; `run` keeps Python's default (a closed stdout
+        # must not kill the server: the access log counts what it cannot write)
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     return int(args.func(args))

@@ -25,6 +25,19 @@ from pydantic import ValidationError
 from sidecar.config.model import Config, ReferenceErrors
 from sidecar.errors import ConfigError, ConfigIssue
 
+
+class _Loader(yaml.SafeLoader):
+    """YAML with 1.2 booleans: only true/false. In YAML 1.1 (PyYAML's default) `on`, `off`,
+    `yes`, `no` are booleans too, which would turn the SPEC's `retry: {on: [...]}` key into True."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|KEY", re.IGNORECASE)
 
@@ -89,7 +102,7 @@ def parse_config(text: str, *, env: Mapping[str, str] | None = None,
                  source: str = "<config>") -> tuple[Config, frozenset[str]]:
     """Validate config text; raise ConfigError listing every problem found."""
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source

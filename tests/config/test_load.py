@@ -125,3 +125,12 @@ def test_schema_cli_prints_json_schema():
     schema = json.loads(res.stdout)
     assert schema["additionalProperties"] is False
     assert "routes" in schema["properties"] and "backends" in schema["required"]
+
+
+def test_yaml_on_off_yes_no_are_strings_not_booleans():
+    """`retry: {on: [...]}` as the SPEC writes it is the key "on", not YAML 1.1's boolean True."""
+    text = BASE.replace("split: {stable: 95, canary: 5}",
+                        "split: {stable: 95, canary: 5}\n    retry:\n      on: [connect-error, 503]")
+    cfg, _ = parse_config(text + "access_log: false\n", env={})
+    assert cfg.routes[0].retry is not None and cfg.routes[0].retry.on == ["connect-error", 503]
+    assert cfg.access_log is False
