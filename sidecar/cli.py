@@ -18,6 +18,7 @@ import os
 import queue
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -130,7 +131,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_reference(args: argparse.Namespace) -> int:
-    """Issue 6: build a drift reference file from sample log lines (docs/monitoring.md)."""
+    """Build a drift reference file from sample log lines (README, Monitoring)."""
     from sidecar.config.plan import Plan
     from sidecar.shell.reference import ReferenceBuildError, build_reference
 
@@ -296,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     sch = sub.add_parser("schema", help="print the config file's JSON Schema")
     sch.set_defaults(func=cmd_schema)
 
-    ref = sub.add_parser("reference", help="build a drift reference file from a sample log (issue 6)")
+    ref = sub.add_parser("reference", help="build a drift reference file from a sample log")
     ref.add_argument("-c", "--config")
     ref.add_argument("--log", action="append", required=True, help="sample log file(s), JSON lines")
     ref.add_argument("--route", required=True)
@@ -332,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command != "run" and hasattr(signal, "SIGPIPE"):
+    if args.command != "run" and hasattr(signal, "SIGPIPE") and threading.current_thread() is threading.main_thread():
         # `sidecar schema | head` ends quietly; `run` keeps Python's default (a closed stdout
         # must not kill the server: the access log counts what it cannot write)
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)

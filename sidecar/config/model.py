@@ -248,8 +248,8 @@ class StickyConfig(_Model):
     header: HeaderName
 
 
-# --- mirror (shadow mode, issue 5) ----------------------------------------------------------
-# --- monitor (issue 6): payload sampling, drift, sample log --------------------------------
+# --- mirror (shadow mode) ----------------------------------------------------------
+# --- monitor: payload sampling, drift, sample log --------------------------------
 
 
 def _check_json_path(value: str) -> str:
@@ -411,8 +411,8 @@ class RouteConfig(_Model):
     sticky: StickyConfig | None = None
     override_header: HeaderName | None = None
     timeout: Seconds = Field(default=15.0, description="whole-request deadline until the answer starts")
-    mirror: list[MirrorConfig] = Field(default_factory=list)  # mirror: shadow copies (issue 5)
-    monitor: MonitorConfig | None = None  # issue 6
+    mirror: list[MirrorConfig] = Field(default_factory=list)  # shadow copies
+    monitor: MonitorConfig | None = None
     retry: RetryConfig | None = Field(default=None, description="without it a route makes one try")
     fallback: list[FallbackConfig] = Field(
         default_factory=list, description="tried in order when the split cannot produce a good answer")
@@ -436,7 +436,7 @@ class Config(_Model):
         known = list(self.backends)
         known_text = ", ".join(known)
         seen: dict[str, int] = {}
-        log_paths: dict[str, str] = {}  # issue 6: sample log path -> place of its first use
+        log_paths: dict[str, str] = {}  # sample log path -> place of its first use
         for name, backend in self.backends.items():
             if (backend.url is None) == (backend.endpoints is None):
                 issues.append(ConfigIssue(f"backends.{name}", "needs exactly one of `url` or `endpoints`"))
@@ -450,13 +450,13 @@ class Config(_Model):
                           for b in route.split if b not in self.backends)
             if route.split and sum(route.split.values()) <= 0:
                 issues.append(ConfigIssue(f"{place}.split", "weights must not all be 0"))
-            # mirror: each shadow must be a known backend, mirrored at most once per route
+            # each shadow must be a known backend, mirrored at most once per route
             issues.extend(ConfigIssue(f"{place}.mirror[{j}].backend",
                                       f"unknown backend {m.backend!r} (known: {known_text})")
                           for j, m in enumerate(route.mirror) if m.backend not in self.backends)
             issues.extend(ConfigIssue(f"{place}.mirror[{j}].backend", f"backend {m.backend!r} is mirrored twice")
                           for j, m in enumerate(route.mirror) if any(n.backend == m.backend for n in route.mirror[:j]))
-            issues.extend(_monitor_issues(place, route, log_paths))  # issue 6
+            issues.extend(_monitor_issues(place, route, log_paths))
             for j, item in enumerate(route.fallback):
                 where = f"{place}.fallback[{j}]"
                 if (item.backend is None) == (item.response is None):
@@ -472,7 +472,7 @@ class Config(_Model):
 
 
 def _monitor_issues(place: str, route: RouteConfig, log_paths: dict[str, str]) -> list[ConfigIssue]:
-    """Issue 6: a reference backend must be in the route's split; sample log paths are unique."""
+    """A reference backend must be in the route's split; sample log paths are unique."""
     mon = route.monitor
     if mon is None:
         return []

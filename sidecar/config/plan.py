@@ -35,7 +35,7 @@ from sidecar.core.retry import RetryPolicy
 from sidecar.core.split import Split
 from sidecar.errors import MethodNotAllowed, NoRoute
 
-if TYPE_CHECKING:  # mirror
+if TYPE_CHECKING:
     from sidecar.config.model import MirrorConfig
 
 
@@ -108,7 +108,7 @@ class BackendPlan:
         )
 
 
-# --- mirror (shadow mode, issue 5) ----------------------------------------------------------
+# --- mirror (shadow mode) ----------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +157,7 @@ class MirrorPlan:
 
 
 # --- end mirror ------------------------------------------------------------------------------
-# --- monitor (issue 6) ----------------------------------------------------------------------
+# --- monitor ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,8 +307,8 @@ class RoutePlan:
     timeouts: tuple[TryTimeouts, ...]      # per backend of the split, in split order
     fallback: tuple[FallbackPlan, ...]
     fingerprint: str
-    mirrors: tuple[MirrorPlan, ...] = ()   # mirror: shadows, in config order
-    monitor: MonitorPlan | None = None     # issue 6
+    mirrors: tuple[MirrorPlan, ...] = ()   # shadows, in config order
+    monitor: MonitorPlan | None = None
 
     @classmethod
     def build(cls, cfg: RouteConfig, backends: Mapping[str, BackendPlan],
@@ -353,7 +353,7 @@ class RoutePlan:
 
     @property
     def redact_paths(self) -> tuple[JsonPath, ...]:
-        """Issue 6: the sample log's redact paths; mirrors apply them to disagreements too."""
+        """The sample log's redact paths; mirrors apply them to disagreements too."""
         m = self.monitor
         return m.log.redact if m is not None and m.log is not None else ()
 
@@ -383,7 +383,7 @@ class Plan:
     def build(cls, loaded: LoadedConfig) -> Plan:
         cfg = loaded.config
         backends = {name: BackendPlan.build(name, b) for name, b in cfg.backends.items()}
-        base_dir = loaded.path.parent if loaded.path is not None else Path.cwd()  # issue 6: SPEC 8 paths
+        base_dir = loaded.path.parent if loaded.path is not None else Path.cwd()  # SPEC 8 paths
         routes = tuple(RoutePlan.build(r, backends, base_dir) for r in cfg.routes)
         return cls(
             config=cfg,

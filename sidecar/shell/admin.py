@@ -137,13 +137,13 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def mirrors(request: web.Request) -> web.Response:
-    """GET /admin/mirrors: per route and shadow, see shell/mirror.py `Mirrors.status_json` (issue 5)."""
+    """GET /admin/mirrors: per route and shadow, see shell/mirror.py `Mirrors.status_json`."""
     sidecar = request.app[SIDECAR_KEY]
     return web.json_response({"mirrors": sidecar.mirrors.status_json(sidecar.proxy.runtime.plan)})
 
 
 async def drift(request: web.Request) -> web.Response:
-    """Issue 6: per route, backend and feature, the last drift pass (shell/monitor.py)."""
+    """Per route, backend and feature, the last drift pass (shell/monitor.py)."""
     return web.json_response(request.app[SIDECAR_KEY].proxy.runtime.monitor.drift_json())
 
 
@@ -173,7 +173,7 @@ def route_status(sidecar: Sidecar, rt: Runtime, route: RoutePlan) -> dict[str, A
         "sticky": route.sticky_header,
         "override_header": route.override_header,
         "timeout_s": route.timeout_s,
-        "rollout": None,          # no rollout capability yet (docs/operations.md)
+        "rollout": None,          # no rollout capability yet (README, Rollouts)
         "fingerprint": route.fingerprint,
     }
 
@@ -355,6 +355,6 @@ def build_admin_app(sidecar: Sidecar) -> web.Application:
     app.router.add_put("/admin/routes/{route}/weights", put_weights)
     app.router.add_delete("/admin/routes/{route}/weights", delete_weights)
     app.router.add_get("/admin/openapi.json", openapi)
-    app.router.add_get("/admin/mirrors", mirrors)  # mirror
-    app.router.add_get("/admin/drift", drift)  # issue 6
+    app.router.add_get("/admin/mirrors", mirrors)
+    app.router.add_get("/admin/drift", drift)
     return app

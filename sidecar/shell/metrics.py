@@ -142,7 +142,7 @@ class CallbackGauge:
 
 
 class CallbackCounter(CallbackGauge):
-    """A counter whose samples are read from live state at scrape time (issue 6)."""
+    """A counter whose samples are read from live state at scrape time."""
 
     __slots__ = ()
 
@@ -210,14 +210,14 @@ class Metrics:
             self.retry_budget_exhausted, self.retries_skipped, self.fallbacks, self.circuit_state,
             self.backend_healthy, self.endpoint_ejected, self.config_reloads,
         ]
-        # mirror: shadow copies (shell/mirror.py documents the outcome values)
+        # shadow copies (shell/mirror.py documents the outcome values)
         self.mirror_requests = CounterFamily(
             "mirror_requests_total", "Mirrored (or not mirrored by a rule) requests, by route, shadow and outcome.",
             ("route", "backend", "outcome"))
         self.mirror_agreement = CallbackGauge(
             "mirror_agreement_ratio", "Rolling share (0-1) of compared mirror requests whose answers agree.", rb)
         self.families += [self.mirror_requests, self.mirror_agreement]
-        # --- monitor (issue 6): read from shell/monitor.py's published snapshots at scrape time
+        # --- monitor: read from shell/monitor.py's published snapshots at scrape time
         rbf = ("route", "backend", "feature")
         self.drift_statistic = CallbackGauge(
             "drift_statistic", "Last drift pass: KS statistic (test=ks), chi-square statistic (test=chi2) "

@@ -1,6 +1,6 @@
 """Shadow mirroring: copies of a route's requests to shadow backends, and their comparison.
 
-What this module owns (SPEC 2 `mirror`, 3.3, 3.5, 5, 6; docs/mirror.md for users):
+What this module owns (SPEC 2 `mirror`, 3.3, 3.5, 5, 6; the README for users):
 
 - The per-request decision, `Mirrors.select`: the sampled share first (one `rng()` compare,
   or the key header's hash when `key` is set, so the same users are mirrored every time),

@@ -58,7 +58,7 @@ class Sidecar:
         self.metrics = Metrics()
         plan = Plan.build(loaded)
         self.access_log = AccessLog(self.metrics.access_log_dropped.labels(), access_log_fd)
-        self.mirrors = Mirrors(self.metrics, random.random, plan)  # mirror: owns shadow tasks and stats
+        self.mirrors = Mirrors(self.metrics, random.random, plan)  # owns shadow tasks and stats
         self.proxy = Proxy(Runtime.build(plan, self.metrics), self.access_log, random.random, self.mirrors)
         self.ready = asyncio.Event()
         self.draining = False
@@ -68,7 +68,7 @@ class Sidecar:
         self._stop: asyncio.Event = asyncio.Event()
         self.health_tasks: list[asyncio.Task[None]] = []
         self._tg: asyncio.TaskGroup | None = None
-        # operations (issue 7): reload, weight overrides, and the parts /admin/status is made of
+        # operations: reload, weight overrides, and the parts /admin/status is made of
         self.started_at = time.time()
         self.overrides = Overrides(resolve_state_dir(plan.config.state_dir, loaded.path))
         self.reloader = Reloader(self, poll_s=config_poll_s)
@@ -148,7 +148,7 @@ class Sidecar:
                 loop.remove_signal_handler(signal.SIGHUP)
             await proxy_runner.cleanup()
             await admin_runner.cleanup()
-            await self.mirrors.drain(0)  # mirror: none may outlive the pools (no-op after _drain)
+            await self.mirrors.drain(0)  # none may outlive the pools (no-op after _drain)
             await self.proxy.runtime.close()
             await self.reloader.close_retired()
         log.info("stopped (exit code %d)", code)
@@ -180,7 +180,7 @@ class Sidecar:
         self.proxy.closing = True
         await proxy_site.stop()          # no new connections
         proxy_server.pre_shutdown()      # idle keep-alive connections close, busy ones after their answer
-        grace_end = asyncio.get_running_loop().time() + drain.grace  # mirror: mirrors share the grace
+        grace_end = asyncio.get_running_loop().time() + drain.grace  # mirrors share the grace
         try:
             async with asyncio.timeout(drain.grace):
                 await self.proxy.wait_idle()
@@ -188,6 +188,6 @@ class Sidecar:
             log.error("drain: %d requests still in flight after %.1fs grace; cutting them",
                       self.proxy.inflight, drain.grace)
             return 1
-        finally:  # mirror: mirrors in flight get the rest of the grace, then are cancelled
+        finally:  # mirrors in flight get the rest of the grace, then are cancelled
             await self.mirrors.drain(grace_end - asyncio.get_running_loop().time())
         return 0
