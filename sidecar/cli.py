@@ -127,7 +127,7 @@ def _run_loop(coro: object) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from sidecar.demo.run import run_demo
 
-    return _run_loop(run_demo(seconds=args.seconds))
+    return _run_loop(run_demo(seconds=args.seconds, keep=args.keep))
 
 
 def cmd_reference(args: argparse.Namespace) -> int:
@@ -306,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     ref.set_defaults(func=cmd_reference)
 
     demo = sub.add_parser("demo", help="start example model servers and the sidecar, drive traffic, show it")
-    demo.add_argument("--seconds", type=float, default=8.0)
+    demo.add_argument("--seconds", type=float, default=8.0, help="how long the clients send traffic")
+    demo.add_argument("--keep", action="store_true", help="keep serving afterwards (open the status page)")
     demo.set_defaults(func=cmd_demo)
 
     client = argparse.ArgumentParser(add_help=False)
