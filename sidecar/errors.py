@@ -10,6 +10,7 @@
     ├── UpstreamTimeout               504 upstream_timeout     deadline or try timeout
     ├── NoBackendAvailable            503 no_backend_available + Retry-After
     ├── Overloaded                    503 overloaded           + Retry-After (load shedding)
+    ├── ClientDisconnected            499 client_disconnected  the client left mid-upload (metrics only)
     └── InternalError                 500 internal             a bug in the sidecar (logged)
 
     ConfigError                       not an HTTP error: a list of (place, message)
@@ -71,6 +72,13 @@ class NoBackendAvailable(SidecarError):
 
 class Overloaded(SidecarError):
     status, type, retry_after_s = 503, "overloaded", 1
+
+
+class ClientDisconnected(SidecarError):
+    """The client went away before its request was read: nobody receives the answer; 499 (as
+    nginx counts it) keeps it apart from the sidecar's and the backends' errors in metrics."""
+
+    status, type = 499, "client_disconnected"
 
 
 class InternalError(SidecarError):

@@ -200,6 +200,11 @@ class MonitorPlan:
     log: SampleLogPlan | None
     fingerprint: str
 
+    @property
+    def needs_response(self) -> bool:
+        """Whether a sampled answer must be read whole: response features, or the sample log."""
+        return bool(self.response_features) or self.log is not None
+
     @classmethod
     def build(cls, route: str, cfg: MonitorConfig, base_dir: Path) -> MonitorPlan:
         ref = cfg.reference

@@ -34,6 +34,15 @@ Record = tuple[float, str, str, str, str, str, int, int, float, float | None, fl
                str | None, str | None]
 
 
+def trace_id(traceparent: str | None) -> str | None:
+    """The trace id of a W3C traceparent (`00-<32 hex>-<16 hex>-<2 hex>`), else None."""
+    if traceparent and len(traceparent) >= 55 and traceparent[2] == "-" and traceparent[35] == "-":
+        tid = traceparent[3:35]
+        if tid != "0" * 32 and all(c in "0123456789abcdef" for c in tid):
+            return tid
+    return None
+
+
 def _format(batch: list[Record]) -> bytes:
     out = []
     for rec in batch:
@@ -43,6 +52,7 @@ def _format(batch: list[Record]) -> bytes:
             v = d[k]
             if isinstance(v, float):
                 d[k] = round(v, 6)
+        d["trace_id"] = trace_id(rec[14])  # the raw traceparent header; parsed here, off the loop
         d["time"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
         out.append(orjson.dumps(d, option=orjson.OPT_APPEND_NEWLINE))
     return b"".join(out)
@@ -56,10 +66,9 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 class AccessLog:
-    __slots__ = ("_dropped", "_executor", "_fd", "_pending", "enabled")
+    __slots__ = ("_dropped", "_executor", "_fd", "_pending")
 
     def __init__(self, dropped: Cell, fd: int | None = None) -> None:
-        self.enabled = True
         self._pending: list[Record] = []
         self._dropped = dropped
         self._fd = sys.stdout.fileno() if fd is None else fd

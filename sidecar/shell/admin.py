@@ -21,10 +21,10 @@ Errors are JSON as SPEC 3.4: `{"error": {"type", "message", ...}}`.
 
 `/healthz` and `/readyz` never depend on a backend's health (SPEC 7).
 
-/admin/status is assembled from parts, so each capability adds itself with one line:
-`sidecar.status_providers` (() -> {"mirrors": ...}) add top-level sections and
-`sidecar.backend_status_providers` ((backend) -> {"circuit": "open", ...}) add fields to
-each backend's entry. A failing provider is logged and left out; the rest still answers.
+/admin/status: routes and backends (health, circuit, inflight, latency) are built here;
+`sidecar.status_providers` (() -> {"mirrors": ...}) add the top-level sections of the
+capabilities (mirrors, drift). A failing provider is logged and left out; the rest still
+answers.
 
 Imports: stdlib, aiohttp, orjson, prometheus_client, sidecar.config, sidecar.shell.
 """
@@ -62,7 +62,6 @@ SIDECAR_KEY: web.AppKey[Sidecar] = web.AppKey("sidecar")
 PAGE_KEY: web.AppKey[bytes] = web.AppKey("status_page")
 
 StatusProvider = Callable[[], Mapping[str, Any]]
-BackendStatusProvider = Callable[[str], Mapping[str, Any]]
 
 PUBLIC_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics", "/"})
 SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -204,11 +203,6 @@ def backend_status(sidecar: Sidecar, rt: Runtime, name: str) -> dict[str, Any]:
         "requests": latency.count if latency else 0,
         "fingerprint": plan.fingerprint,
     }
-    for provide in sidecar.backend_status_providers:
-        try:
-            doc.update(provide(name))
-        except Exception:
-            log.exception("backend status provider %r failed for %s", provide, name)
     return doc
 
 

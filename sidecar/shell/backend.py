@@ -30,11 +30,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable
+from functools import partial
 
 from sidecar.config.plan import BackendPlan
 from sidecar.core.balance import EndpointSet
 from sidecar.core.breaker import Breaker, CircuitState
 from sidecar.core.health import HealthTracker
+from sidecar.core.outcome import Outcome, classify_status
 from sidecar.shell.upstream import Answer, UpstreamFailure, UpstreamPool
 
 log = logging.getLogger("sidecar.backend")
@@ -57,6 +59,8 @@ class Backend:
         self.health: tuple[HealthTracker, ...] | None = tuple(
             HealthTracker(hc.unhealthy_after, hc.healthy_after) for _ in plan.endpoints) if hc else None
         self._cap = plan.max_inflight
+        for i, pool in enumerate(self.pools):
+            pool.on_stream_done = partial(self._stream_done, i)
 
     def __repr__(self) -> str:
         return f"<Backend {self.name} inflight={self.inflight} {self.breaker!r} {self.endpoints!r}>"
@@ -97,20 +101,24 @@ class Backend:
                    headers_deadline: float, try_deadline: float, buffer_limit: int | None = None) -> Answer:
         """One try on endpoint i; records the outcome. Raises UpstreamFailure.
 
-        The caller checked `available(now)` with no await since, so the breaker lets it through.
+        The caller checked `available(now)`; a try that starts later (a hedge's task) may find
+        the half-open circuit's probe slots taken by then: that try fails at once, unsent, as a
+        connect error (retryable elsewhere), and is not recorded for the breaker.
         """
         loop = asyncio.get_running_loop()
         breaker = self.breaker
-        if breaker is not None:
-            let_through = breaker.try_acquire(loop.time())
-            assert let_through, f"try on {self.name} without available() first"
+        if breaker is not None and not breaker.try_acquire(loop.time()):
+            refused = UpstreamFailure(Outcome.CONNECT_ERROR, f"circuit of {self.name} is not letting tries through")
+            refused.backend = self.name
+            raise refused
         endpoints = self.endpoints
         endpoints.on_start(i)
         try:
             answer = await self.pools[i].attempt(method, raw_path, headers, body, headers_deadline, try_deadline,
                                                  buffer_limit)
-        except UpstreamFailure:
+        except UpstreamFailure as f:
             self._record(i, True, loop.time())
+            f.backend = self.name
             raise
         except BaseException:
             # cancelled: a hedge that lost, or the client left. Neither success nor failure.
@@ -118,8 +126,19 @@ class Backend:
             if breaker is not None:
                 breaker.release(loop.time())
             raise
-        self._record(i, answer.status >= 500, loop.time())
+        answer.backend = self.name
+        self._record(i, classify_status(answer.status).failed, loop.time())
+        if answer.streaming:  # still in flight for least_request until the stream ends (_stream_done)
+            endpoints.inflight[i] += 1
         return answer
+
+    def _stream_done(self, i: int) -> None:
+        self.endpoints.inflight[i] -= 1
+
+    def set_buffer_response_bytes(self, n: int) -> None:
+        """A reload changed `limits.buffer_response_bytes`; pools, breaker and health stay."""
+        for pool in self.pools:
+            pool.set_buffer_response_bytes(n)
 
     def _record(self, i: int, failed: bool, now: float) -> None:
         if self.endpoints.on_finish(i, failed, now):
@@ -137,11 +156,6 @@ class Backend:
     def set_endpoint_health(self, i: int, ok: bool) -> None:
         """An active health check flipped endpoint i (shell/health.py)."""
         self.endpoints.set_healthy(i, ok)
-
-    @property
-    def healthy(self) -> bool:
-        """Some endpoint passes its active checks (always True without checks)."""
-        return any(self.endpoints.healthy)
 
     async def close(self) -> None:
         for pool in self.pools:

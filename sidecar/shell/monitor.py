@@ -476,10 +476,6 @@ class Monitor:
         w = self._backend_latency.get(backend)
         return w.summary() if w is not None else None
 
-    def summary(self, route: str, backend: str) -> LatencySummary | None:
-        cell = self._latency.get((route, backend))
-        return cell.route_window.summary() if cell is not None else None
-
     def drift_rows(self) -> list[DriftRow]:
         return [row for rows in self._rows.values() for row in rows]
 

@@ -2,8 +2,8 @@
 
 Hand-written on purpose: the admin API is small and its shapes are the contract, so they are
 written down here rather than inferred. `tests/shell/test_admin.py` checks that every route
-registered on the admin app is documented here with its method. A capability that adds an
-admin route adds its path with `add_path` (or edits `_paths`).
+registered on the admin app is documented here with its method. A new admin route adds its
+path to `_paths`.
 
 Imports: stdlib, sidecar (version).
 """
@@ -93,18 +93,21 @@ _SCHEMAS: dict[str, Any] = {
     },
     "BackendStatus": {
         "type": "object",
-        "description": "capabilities may add fields (backend status providers)",
         "properties": {
             "name": {"type": "string"},
-            "url": {"type": "string", "description": "passwords masked"},
-            "inflight": {"type": "integer"},
+            "url": {**_STR_OR_NULL, "description": "the backend's URL (passwords masked); null with several endpoints"},
+            "endpoints": {"type": "array", "items": {"type": "object", "properties": {
+                "url": {"type": "string"}, "inflight": {"type": "integer"}, "healthy": {"type": "boolean"},
+                "ejected": {"type": "boolean"}}}},
+            "inflight": {"type": "integer", "description": "tries and streams in flight, all endpoints"},
             "max_inflight": {"type": ["integer", "null"]},
             "max_connections": {"type": "integer"},
-            "available": {"type": "boolean", "description": "may take a new request (bulkhead not full)"},
-            "healthy": {"type": ["boolean", "null"], "description": "null without health checks"},
-            "circuit": {"enum": ["closed", "half_open", "open", None]},
+            "available": {"type": "boolean", "description": "may take a new try: circuit, bulkhead, endpoints"},
+            "healthy": {"type": "boolean", "description": "some endpoint passes its health checks, not ejected"},
+            "circuit": {"enum": ["closed", "half_open", "open"]},
             "p50_s": _NUM_OR_NULL, "p95_s": _NUM_OR_NULL, "p99_s": _NUM_OR_NULL,
-            "error_rate": {**_NUM_OR_NULL, "description": "ratio 0 to 1"},
+            "error_rate": {**_NUM_OR_NULL, "description": "ratio 0 to 1, last requests over all routes"},
+            "requests": {"type": "integer", "description": "requests behind the percentiles"},
             "fingerprint": {"type": "string"},
         },
     },
@@ -191,13 +194,6 @@ _paths: dict[str, dict[str, Any]] = {
     "/admin/openapi.json": {"get": {"summary": "this document",
                                     "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1"), **_ERR}}},
 }
-
-
-def add_path(path: str, item: dict[str, Any], schemas: dict[str, Any] | None = None) -> None:
-    """For capabilities that add an admin route: document it (and its schemas)."""
-    _paths[path] = {**_paths.get(path, {}), **item}
-    if schemas:
-        _SCHEMAS.update(schemas)
 
 
 def openapi_document() -> dict[str, Any]:

@@ -43,6 +43,7 @@ from sidecar.core.split import Split, key_hash
 from sidecar.errors import (
     BadRequest,
     BodyTooLarge,
+    ClientDisconnected,
     InternalError,
     NoBackendAvailable,
     Overloaded,
@@ -72,7 +73,7 @@ DROP_REQUEST: Final = HOP_BY_HOP | {"host", "content-length", "expect", "x-forwa
 DROP_RESPONSE: Final = HOP_BY_HOP | {"content-length"}
 NO_ROUTE: Final = "(no_route)"
 NO_BACKEND: Final = ""
-READ_CHUNK: Final = 64 * 1024
+LOG_EVERY_S: Final = 10.0
 
 
 class _Cells:
@@ -140,6 +141,7 @@ def error_response(err: SidecarError, ex: Exchange) -> web.Response:
     if (allow := getattr(err, "allow", None)) is not None:
         headers["allow"] = ", ".join(allow)
     ex.error = err.type
+    ex.bytes_out = len(body)
     return web.Response(status=err.status, body=body, headers=headers)
 
 
@@ -148,15 +150,6 @@ def _connection_tokens(value: str | None) -> frozenset[str]:
     if not value:
         return frozenset()
     return frozenset(t.strip().lower() for t in value.split(","))
-
-
-def trace_id(traceparent: str | None) -> str | None:
-    """The trace id of a W3C traceparent (`00-<32 hex>-<16 hex>-<2 hex>`), else None."""
-    if traceparent and len(traceparent) >= 55 and traceparent[2] == "-" and traceparent[35] == "-":
-        tid = traceparent[3:35]
-        if tid != "0" * 32 and all(c in "0123456789abcdef" for c in tid):
-            return tid
-    return None
 
 
 class Proxy:
@@ -174,9 +167,8 @@ class Proxy:
         self._cells: dict[tuple[str, str], _Cells] = {}
         self._id_prefix = os.urandom(8).hex()
         self._ids = count(1)
-        m = runtime.metrics
-        self._shed = m.shed.labels("max_inflight")
-        self._disconnects: dict[str, Cell] = {}
+        self._shed = runtime.metrics.shed.labels("max_inflight")
+        self._logged_at: dict[tuple[str, str], float] = {}  # rate limit of per-request log lines
 
     # -- bookkeeping ------------------------------------------------------------------------
 
@@ -187,10 +179,18 @@ class Proxy:
         return c
 
     async def wait_idle(self) -> None:
-        """Return once no request is in flight (used by the drain)."""
-        while self.inflight:
-            self._idle = asyncio.Event()
+        """Return once no request is in flight (used by the drain); any number may wait."""
+        if self.inflight:
+            if self._idle is None:
+                self._idle = asyncio.Event()
             await self._idle.wait()
+
+    def _log_sometimes(self, key: tuple[str, str], msg: str, *args: object) -> None:
+        """Log a per-request event at most every LOG_EVERY_S per key (the metrics count each one)."""
+        now = perf_counter()
+        if now - self._logged_at.get(key, -LOG_EVERY_S) >= LOG_EVERY_S:
+            self._logged_at[key] = now
+            log.info(msg, *args)
 
     # -- the handler --------------------------------------------------------------------------
 
@@ -208,6 +208,8 @@ class Proxy:
                 resp = await self._handle(request, ex, rt)
             except SidecarError as err:
                 resp = error_response(err, ex)
+                if isinstance(err, ClientDisconnected):
+                    rt.metrics.client_disconnects.labels(ex.route.name if ex.route else NO_ROUTE).value += 1
             except Exception:  # a bug: answer like any sidecar error, log it with context
                 log.exception("internal error on request %s", ex.request_id)
                 resp = error_response(InternalError("internal error in the sidecar"), ex)
@@ -218,6 +220,7 @@ class Proxy:
             self.inflight -= 1
             if self._idle is not None and not self.inflight:
                 self._idle.set()
+                self._idle = None
 
     async def _handle(self, request: web.BaseRequest, ex: Exchange, rt: Runtime) -> web.StreamResponse:
         route = ex.route = rt.plan.match(request.method, request.path, request.headers)
@@ -232,7 +235,8 @@ class Proxy:
                 ex.buffer_limit = ex.mirror.buffer_limit
         if route.monitor is not None and (draw := rt.monitor.draw(route)) is not None:
             ex.draw = draw
-            ex.buffer_limit = max(rt.plan.limits.max_body_bytes, rt.plan.limits.buffer_response_bytes)
+            if route.monitor.needs_response:
+                ex.buffer_limit = max(rt.plan.limits.max_body_bytes, rt.plan.limits.buffer_response_bytes)
         if ex.mirror is None:
             return await self._forward(request, ex, rt, route, headers, body)
         try:
@@ -324,11 +328,11 @@ class Proxy:
         cells.ttfb.observe(ttfb)
         if answer.status < 400:
             cells.attempt_ok.value += 1
+            ex.error = None  # an earlier try's failure is not this answer's
         else:
             outcome = classify_status(answer.status)
             cells.attempt(outcome).value += 1
-            if outcome is Outcome.SERVER_ERROR:
-                ex.error = "5xx"
+            ex.error = "5xx" if outcome is Outcome.SERVER_ERROR else None
         return answer
 
     async def _hedged(self, request: web.BaseRequest, ex: Exchange, rt: Runtime, rs: RouteState,
@@ -436,7 +440,9 @@ class Proxy:
         if last is None:
             ex.backend = NO_BACKEND
             raise NoBackendAvailable(f"no backend of route {route.name!r} can take a request now")
-        if last.outcome is Outcome.TIMEOUT:
+        ex.backend = last.backend or ex.backend
+        ex.error = str(last.outcome)
+        if last.timed_out:
             raise UpstreamTimeout(f"backend {ex.backend!r} did not answer in time")
         raise UpstreamError(f"backend {ex.backend!r} failed: {last.detail}")
 
@@ -448,7 +454,8 @@ class Proxy:
         metrics.retries_skipped.labels(route, str(reason)).value += 1
         if reason is NoRetry.BUDGET:
             metrics.retry_budget_exhausted.labels(route).value += 1
-            log.info("route %s: retry budget spent; %s not retried", route, outcome)
+            self._log_sometimes((route, "budget"), "route %s: retry budget spent; %s not retried "
+                                "(counted in sidecar_retry_budget_exhausted_total)", route, outcome)
 
     async def _read_body(self, request: web.BaseRequest, rt: Runtime) -> bytes:
         """The whole request body, refusing more than max_body_bytes without reading it all."""
@@ -461,14 +468,14 @@ class Proxy:
         content = request.content
         parts: list[bytes] = []
         size = 0
-        if length is not None:
-            # fast path: a small body usually arrives with the headers; no timer needed
-            first = content.read_nowait(-1)
-            if len(first) == length:
-                return first
-            parts.append(first)
-            size = len(first)
         try:
+            if length is not None:
+                # fast path: a small body usually arrives with the headers; no timer needed
+                first = content.read_nowait(-1)
+                if len(first) == length:
+                    return first
+                parts.append(first)
+                size = len(first)
             async with asyncio.timeout(rt.plan.limits.body_timeout):
                 while chunk := await content.readany():
                     size += len(chunk)
@@ -479,6 +486,8 @@ class Proxy:
             raise RequestTimeout("the request body did not arrive in time") from None
         except HttpProcessingError as e:
             raise BadRequest(f"malformed request body: {e.message}") from None
+        except ConnectionError:
+            raise ClientDisconnected("the client went away while sending its body") from None
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _pick(self, route: RoutePlan, rs: RouteState, headers: CIMultiDictProxy[str], rt: Runtime, now: float,
@@ -494,7 +503,8 @@ class Proxy:
                 return index if rs.backends[index].available(now) else None
             if avoid is None:
                 self.runtime.metrics.override_ignored.labels(route.name).value += 1
-                log.info("override header names no backend of route %s; normal split used", route.name)
+                self._log_sometimes((route.name, "override"), "override header names no backend of route %s; "
+                                    "normal split used (counted in sidecar_override_ignored_total)", route.name)
         split = rt.splits[route.name]
         available = rs.available(now)
         if avoid is not None:
@@ -543,6 +553,8 @@ class Proxy:
 
     async def _respond(self, request: web.BaseRequest, answer: Answer, ex: Exchange,
                        rt: Runtime) -> web.StreamResponse:
+        if answer.backend:  # the answer that passes may be an earlier try's (SPEC 8)
+            ex.backend = answer.backend
         if ex.mirror is not None:  # the answer is final: start the shadows (SPEC 3.5)
             ex.mirror.send(answer.body)
             ex.mirror = None
@@ -558,6 +570,8 @@ class Proxy:
         resp = web.StreamResponse(status=answer.status, headers=self._response_headers(answer, ex))
         if answer.content_length is not None:
             resp.content_length = answer.content_length
+        if self.closing:  # draining: say so before the headers go out
+            resp.force_close()
         idle = rt.plan.limits.stream_idle_timeout
         try:
             await resp.prepare(request)
@@ -570,11 +584,15 @@ class Proxy:
             route_name = ex.route.name if ex.route else NO_ROUTE
             self.runtime.metrics.stream_broken.labels(route_name, ex.backend).value += 1
             self.cells(route_name, ex.backend).attempt(Outcome.STREAM_BROKEN).value += 1
-            log.warning("stream from %s broke after %d bytes: %s", ex.backend, ex.bytes_out, f.detail)
+            if ex.route is not None and ex.attempts < ex.route.retry.attempts:
+                self._skipped(route_name, NoRetry.STARTED, Outcome.STREAM_BROKEN)  # never replayed
+            self._log_sometimes((route_name, "stream"), "stream from %s broke after %d bytes: %s",
+                                ex.backend, ex.bytes_out, f.detail)
             if request.transport is not None:
                 request.transport.abort()
         except ConnectionError:
             ex.error = "client_disconnected"
+            self.runtime.metrics.client_disconnects.labels(ex.route.name if ex.route else NO_ROUTE).value += 1
         finally:
             answer.close()  # no-op when the stream ended normally
         return resp
@@ -592,8 +610,7 @@ class Proxy:
             self.access_log.add((
                 time.time(), ex.request_id, request.method, request.path, route, ex.backend, resp.status,
                 ex.attempts, duration, ex.upstream_s, ex.ttfb_s, ex.bytes_in,
-                ex.bytes_out or (resp.body_length if resp.prepared else 0) or _body_len(resp), ex.error,
-                trace_id(request.headers.get("traceparent")),
+                ex.bytes_out, ex.error, request.headers.get("traceparent"),
             ))
         return resp
 
@@ -609,9 +626,5 @@ def _keep(last: Answer | UpstreamFailure | None, got: Answer | UpstreamFailure) 
 
 
 def _failed(got: Answer | UpstreamFailure) -> bool:
-    return not isinstance(got, Answer) or got.status >= 500
+    return not isinstance(got, Answer) or classify_status(got.status).failed
 
-
-def _body_len(resp: web.StreamResponse) -> int:
-    body = getattr(resp, "body", None)
-    return len(body) if isinstance(body, bytes) else 0

@@ -62,13 +62,15 @@ class Runtime:
 
     @classmethod
     def build(cls, plan: Plan, metrics: Metrics, previous: Runtime | None = None) -> Runtime:
-        same_buffer = previous is not None and \
-            previous.plan.limits.buffer_response_bytes == plan.limits.buffer_response_bytes
+        buffer_bytes = plan.limits.buffer_response_bytes
         backends: dict[str, Backend] = {}
         for name, bp in plan.backends.items():
-            old = previous.backends.get(name) if previous is not None and same_buffer else None
-            backends[name] = old if old is not None and old.plan.fingerprint == bp.fingerprint \
-                else Backend(bp, plan.limits.buffer_response_bytes)
+            old = previous.backends.get(name) if previous is not None else None
+            if old is not None and old.plan.fingerprint == bp.fingerprint:
+                old.set_buffer_response_bytes(buffer_bytes)
+                backends[name] = old
+            else:
+                backends[name] = Backend(bp, buffer_bytes)
         routes: dict[str, RouteState] = {}
         for route in plan.routes:
             old_state = previous.route_states.get(route.name) if previous is not None else None

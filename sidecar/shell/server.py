@@ -28,7 +28,7 @@ from aiohttp import web
 from sidecar.config.load import LoadedConfig
 from sidecar.config.plan import Plan
 from sidecar.shell.accesslog import AccessLog
-from sidecar.shell.admin import BackendStatusProvider, StatusProvider, build_admin_app
+from sidecar.shell.admin import StatusProvider, build_admin_app
 from sidecar.shell.metrics import Metrics
 from sidecar.shell.mirror import Mirrors
 from sidecar.shell.proxy import Proxy
@@ -74,7 +74,6 @@ class Sidecar:
         self.reloader = Reloader(self, poll_s=config_poll_s)
         # each capability adds one callable: () -> {"mirrors": ...}, or (backend) -> {"circuit": ...}
         self.status_providers: list[StatusProvider] = [self._mirror_status, self._drift_status]
-        self.backend_status_providers: list[BackendStatusProvider] = []
 
     def _mirror_status(self) -> dict[str, Any]:
         """Mirrors in /admin/status: one row per (route, shadow); disagreements stay in /admin/mirrors."""

@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import ssl
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final, cast
 from urllib.parse import urlsplit
 
@@ -50,12 +50,18 @@ _BODYLESS_METHODS: Final = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE
 
 
 class UpstreamFailure(Exception):
-    """A try that produced no usable answer; `outcome` says how it failed."""
+    """A try that produced no usable answer; `outcome` says how it failed.
 
-    def __init__(self, outcome: Outcome, detail: str) -> None:
+    `timed_out`: the deadline passed (also while still connecting, which is a connect_error
+    for retries, since nothing was sent, but a 504 for the client when nothing else answers).
+    """
+
+    def __init__(self, outcome: Outcome, detail: str, timed_out: bool = False) -> None:
         super().__init__(f"{outcome}: {detail}")
         self.outcome = outcome
         self.detail = detail
+        self.timed_out = timed_out or outcome is Outcome.TIMEOUT
+        self.backend = ""  # set by shell/backend.py: which backend failed
 
 
 def map_exception(exc: BaseException) -> UpstreamFailure:
@@ -176,7 +182,7 @@ class _Conn(asyncio.Protocol):
 class Answer:
     """A backend's response: `body` when read whole, else streamed with `next_chunk`."""
 
-    __slots__ = ("_conn", "_pool", "body", "content_length", "headers", "status")
+    __slots__ = ("_conn", "_pool", "backend", "body", "content_length", "headers", "status")
 
     def __init__(self, head: Head, body: bytes | None, conn: _Conn | None, pool: UpstreamPool) -> None:
         self.status = head.status
@@ -185,6 +191,7 @@ class Answer:
         self.content_length = head.length
         self._conn = conn                    # held while streaming
         self._pool = pool
+        self.backend = ""                    # set by shell/backend.py: which backend answered
 
     @property
     def streaming(self) -> bool:
@@ -220,8 +227,18 @@ class Answer:
             self._pool.stream_done()
 
 
+_SSL_CONTEXT: ssl.SSLContext | None = None
+
+
 def _ssl_context(scheme: str) -> ssl.SSLContext | None:
-    return ssl.create_default_context() if scheme == "https" else None
+    """One client TLS context per process: building one reads the CA bundle (~20 ms, blocking),
+    so it is made once, by the first https pool, not per pool and reload."""
+    global _SSL_CONTEXT
+    if scheme != "https":
+        return None
+    if _SSL_CONTEXT is None:
+        _SSL_CONTEXT = ssl.create_default_context()
+    return _SSL_CONTEXT
 
 
 class UpstreamPool:
@@ -248,6 +265,8 @@ class UpstreamPool:
         self._open = 0
         self._waiters: deque[asyncio.Future[_Conn | None]] = deque()
         self._closed = False
+        # called when a streamed answer ends (shell/backend.py keeps per-endpoint counts)
+        self.on_stream_done: Callable[[], None] | None = None
 
     # -- connections --------------------------------------------------------------------------
 
@@ -266,8 +285,13 @@ class UpstreamPool:
             try:
                 handed = await fut
             except BaseException:
-                if fut.done() and not fut.cancelled() and (c := fut.result()) is not None:
-                    self._release(c)   # handed over just as we gave up: pass it on
+                if fut.done() and not fut.cancelled():
+                    handed = fut.result()
+                    # handed over just as we gave up: pass the connection, or the free slot, on
+                    if handed is not None:
+                        self._release(handed)
+                    else:
+                        self._wake_waiter()
                 raise
             if handed is not None:
                 return handed
@@ -354,6 +378,11 @@ class UpstreamPool:
             if conn is not None:
                 conn.close()
                 self._release(conn)
+            elif isinstance(e, TimeoutError):
+                # no connection (or pool slot) before the deadline: nothing was sent, so it is
+                # safe to retry like a refused connection
+                raise UpstreamFailure(Outcome.CONNECT_ERROR, f"{self._host}:{self._port}: no connection in time",
+                                      timed_out=True) from None
             if isinstance(e, Exception):
                 raise map_exception(e) from None
             raise
@@ -364,15 +393,22 @@ class UpstreamPool:
     def stream_done(self) -> None:
         """A streamed answer ended (complete or not): it no longer counts as in flight."""
         self.inflight -= 1
+        if self.on_stream_done is not None:
+            self.on_stream_done()
+
+    def set_buffer_response_bytes(self, n: int) -> None:
+        """A reload changed `limits.buffer_response_bytes`: the pool (and its connections) stay."""
+        self._buffer_limit = n
 
     async def close(self) -> None:
         self._closed = True
         for conn in self._idle:
             conn.close()
+            self._open -= 1
         self._idle.clear()
         for w in self._waiters:
             if not w.done():
-                w.cancel()
+                w.set_result(None)  # a free slot: the waiter opens its own connection (and closes it after)
 
 
 def _is_event_stream(head: Head) -> bool:

@@ -70,17 +70,21 @@ async def test_non_loopback_without_token_refuses_changes(upstreams, make_sideca
 async def test_status_shape_and_capability_parts(upstreams, make_sidecar: MakeSidecar, client):
     """Status shows routes with weights, backends with their state, and sections capabilities add."""
     up = await upstreams.start()
-    sc = await make_sidecar(fraud(up.url, u.refused_url()))
+    cfg = fraud(up.url, u.refused_url())
+    cfg["backends"]["canary"]["circuit_breaker"] = {"consecutive_failures": 1, "open_for": "60s"}
+    cfg["routes"][0]["override_header"] = "x-sidecar-backend"
+    sc = await make_sidecar(cfg)
     sc.status_providers.append(lambda: {"mirrors": [{"route": "fraud", "shadow": "x", "agreement": 0.97}]})
     sc.status_providers.append(lambda: 1 / 0)        # type: ignore[arg-type,return-value]
-    sc.backend_status_providers.append(lambda name: {"circuit": "open" if name == "canary" else "closed"})
+    async with client.post(sc.proxy_url + "/v1/models/fraud", data=b"{}", headers={"x-sidecar-backend": "canary"}):
+        pass  # refused: the canary's circuit opens
     status, doc = await admin(client, "GET", sc.admin_url + "/admin/status")
     assert status == 200
     assert doc["version"] == sc.proxy.runtime.plan.version and doc["last_reload"] is None
     assert doc["ready"] is True and doc["draining"] is False and doc["uptime_s"] >= 0
     route = doc["routes"][0]
     assert route["name"] == "fraud" and route["weights"] == {"stable": 90.0, "canary": 10.0}
-    assert route["effective"] == {"stable": 0.9, "canary": 0.1} and route["override"] is False
+    assert route["effective"] == {"stable": 1.0, "canary": 0.0} and route["override"] is False
     assert route["rollout"] is None
     backends = {b["name"]: b for b in doc["backends"]}
     assert backends["canary"]["circuit"] == "open" and backends["stable"]["circuit"] == "closed"
