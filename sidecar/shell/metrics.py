@@ -170,6 +170,8 @@ class Metrics:
             ("route",))
         self.access_log_dropped = CounterFamily(
             "access_log_dropped_total", "Access log lines dropped because the writer fell behind.", ())
+        self.drain_cut = CounterFamily(
+            "drain_cut_requests_total", "Requests still in flight when drain.grace ended (cut; exit code 1).", ())
         self.stream_broken = CounterFamily(
             "streams_broken_total", "Streamed answers cut because the backend broke or went idle.", rb)
         self.client_disconnects = CounterFamily(
@@ -205,7 +207,7 @@ class Metrics:
             "config_reloads_total", "Config reloads by result: ok, unchanged, error (rejected).", ("result",))
         self.families: list[CounterFamily | GaugeFamily | HistogramFamily | CallbackGauge] = [
             self.requests, self.request_duration, self.ttfb, self.shed, self.override_ignored,
-            self.access_log_dropped, self.stream_broken, self.client_disconnects, self.inflight,
+            self.access_log_dropped, self.drain_cut, self.stream_broken, self.client_disconnects, self.inflight,
             self.route_weight, self.config_info, self.upstream_attempts, self.retries,
             self.retry_budget_exhausted, self.retries_skipped, self.fallbacks, self.circuit_state,
             self.backend_healthy, self.endpoint_ejected, self.config_reloads,

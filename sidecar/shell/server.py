@@ -186,6 +186,7 @@ class Sidecar:
         except TimeoutError:
             log.error("drain: %d requests still in flight after %.1fs grace; cutting them",
                       self.proxy.inflight, drain.grace)
+            self.metrics.drain_cut.labels().value += self.proxy.inflight
             return 1
         finally:  # mirrors in flight get the rest of the grace, then are cancelled
             await self.mirrors.drain(grace_end - asyncio.get_running_loop().time())
