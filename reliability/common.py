@@ -57,14 +57,15 @@ def describe(counts: Counter[Outcome]) -> str:
 async def start_process(config: dict[str, Any], path: Path,
                         env: dict[str, str] | None = None) -> tuple[asyncio.subprocess.Process, int, int]:
     """Write `config` to `path`, run `python -m sidecar run -c path`, wait until it serves."""
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config))  # noqa: ASYNC240 - a few bytes, before the run starts
     # the log goes to a file next to the config: an unread pipe would fill up and block the
     # sidecar's log thread (and its exit, which flushes it)
     log_path = path.with_suffix(".log")
     with log_path.open("wb") as log_file:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "sidecar", "run", "-c", str(path), "--log-level", "warning",
-            stdout=asyncio.subprocess.DEVNULL, stderr=log_file, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+            stdout=asyncio.subprocess.DEVNULL, stderr=log_file,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     admin = int(config["admin"]["listen"].rsplit(":", 1)[1])
     port = int(config["listen"].rsplit(":", 1)[1])
     async with asyncio.timeout(20), aiohttp.ClientSession() as s:
