@@ -127,10 +127,10 @@ async def test_oversized_body_gets_413(chunked, upstreams, make_sidecar: MakeSid
     up = await upstreams.start(u.echo())
     sc = await make_sidecar(config(up.url))
     if chunked:
-        data = (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        data = (b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
                 + b"".join(b"200\r\n" + b"a" * 512 + b"\r\n" for _ in range(4)) + b"0\r\n\r\n")
     else:
-        data = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + b"a" * 5000
+        data = b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 5000\r\n\r\n" + b"a" * 5000
     raw, _ = await exchange(sc.proxy_port, data)
     assert status_of(raw) == 413 and error_type(raw) == "body_too_large"
     assert up.hits == 0
@@ -182,7 +182,8 @@ async def test_silent_new_connection_closed_but_idle_keepalive_kept(upstreams, m
     writer.write(NORMAL)
     head = await reader.readuntil(b"\r\n\r\n")
     assert status_of(head) == 200
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
     await reader.readexactly(length)
     await asyncio.sleep(1.2)  # idle between requests: idle_timeout (75 s) applies, not header_timeout
     writer.write(NORMAL)

@@ -25,15 +25,17 @@ ENV = {"SET": "8080", "STABLE_HOST": "10.0.0.1", "EMPTY": "", "SIDECAR_ADMIN_TOK
 
 
 def check(text: str) -> None:
+    issues = []
     try:
         cfg, _ = parse_config(text, env=ENV)
-    except ConfigError as e:
-        assert e.issues
-        for issue in e.issues:
-            assert isinstance(issue.place, str) and issue.place.strip(), e.issues
-            assert isinstance(issue.message, str) and issue.message.strip(), e.issues
+    except ConfigError as e:  # any other exception fails the test with its traceback
+        issues = e.issues
+        assert issues
     else:
         assert isinstance(cfg, Config)
+    for issue in issues:
+        assert isinstance(issue.place, str) and issue.place.strip(), issues
+        assert isinstance(issue.message, str) and issue.message.strip(), issues
 
 
 scalars = st.one_of(

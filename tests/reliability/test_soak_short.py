@@ -16,4 +16,4 @@ async def test_short_soak_loses_nothing_and_leaks_nothing(tmp_path):
     assert s["tasks_end_max"] <= s["tasks_after_warmup_max"] + 16, s
     # RSS over 15 s is noise-dominated; the 10-minute run (docs/reliability.md) judges it
     assert s["rss_growth_pct"] is not None and s["rss_growth_pct"] < 25, s
-    assert all(n > 0 for n in s["by_kind"].values())
+    assert all(s["by_kind"].values()), s["by_kind"]  # every kind was sent and answered
