@@ -137,11 +137,23 @@ async def test_oversized_body_gets_413(chunked, upstreams, make_sidecar: MakeSid
     await serves_normally(sc.proxy_port)
 
 
-async def test_slowloris_head_is_closed_after_header_timeout(upstreams, make_sidecar: MakeSidecar):
+async def read_answer(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
+    return head + await reader.readexactly(length)
+
+
+@pytest.mark.parametrize("when", ["new_connection", "keepalive"])
+async def test_slowloris_head_is_closed_after_header_timeout(when, upstreams, make_sidecar: MakeSidecar):
     """A head trickled byte by byte is closed after limits.header_timeout and counted; others are served."""
     up = await upstreams.start()
     sc = await make_sidecar(config(up.url))
     reader, writer = await asyncio.open_connection("127.0.0.1", sc.proxy_port)
+    if when == "keepalive":  # a first request is served, then the next head trickles
+        writer.write(NORMAL)
+        assert status_of(await read_answer(reader)) == 200
+        await asyncio.sleep(0.7)  # idle longer than header_timeout first: that alone must not count
     t0 = time.perf_counter()
     closed_after = None
     for byte in b"POST / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
@@ -167,7 +179,7 @@ async def test_slowloris_head_is_closed_after_header_timeout(upstreams, make_sid
     writer.close()
     assert closed_after is not None, "the trickled head was never cut"
     assert 0.4 < closed_after < 1.5
-    assert up.hits == 0
+    assert up.hits == (1 if when == "keepalive" else 0)
     assert 'sidecar_client_timeouts_total{phase="header"} 1.0' in await metrics_text(sc)
     await serves_normally(sc.proxy_port)
 
@@ -180,11 +192,7 @@ async def test_silent_new_connection_closed_but_idle_keepalive_kept(upstreams, m
     assert silent == b""  # closed without an answer (exchange returned before wait_s or with nothing)
     reader, writer = await asyncio.open_connection("127.0.0.1", sc.proxy_port)
     writer.write(NORMAL)
-    head = await reader.readuntil(b"\r\n\r\n")
-    assert status_of(head) == 200
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length")))
-    await reader.readexactly(length)
+    assert status_of(await read_answer(reader)) == 200
     await asyncio.sleep(1.2)  # idle between requests: idle_timeout (75 s) applies, not header_timeout
     writer.write(NORMAL)
     assert status_of(await reader.readuntil(b"\r\n\r\n")) == 200
@@ -327,3 +335,17 @@ def test_random_bytes_never_crash_the_sidecar(threaded_sidecar: int, prefix: byt
         assert status_of(raw) in (200, 400, 404, 405, 408, 413) or raw.startswith(b"HTTP/0.9"), raw[:100]
     normal = blocking_exchange(threaded_sidecar, NORMAL.replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\nConnection: close\r\n"))
     assert status_of(normal) == 200
+
+
+async def test_header_timeout_never_cuts_a_slow_answer_or_body(upstreams, make_sidecar: MakeSidecar):
+    """header_timeout bounds heads only: a slow answer and a body trickled within body_timeout are served."""
+    up = await upstreams.start(u.slow(1.2))
+    sc = await make_sidecar(config(up.url, body_timeout="3s"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.proxy_port)
+    writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\n")
+    for byte in b"{}  ":
+        await asyncio.sleep(0.3)  # 1.2 s of body, past header_timeout (0.5 s)
+        writer.write(bytes([byte]))
+    async with asyncio.timeout(5):
+        assert status_of(await read_answer(reader)) == 200
+    writer.close()
