@@ -117,7 +117,7 @@ FAULTS: list[Fault] = [
           limits={"stream_idle_timeout": "300ms"}),
     Fault("broken_json", "answers 200 with broken JSON", _up(u.status(200, BROKEN_JSON,
                                                                            {"content-type": "application/json"})),
-          frozenset({OK}), frozenset({OK}), note="passed through byte for byte (not parsed)"),
+          frozenset({OK}), frozenset({OK}), note="passed through byte for byte, not parsed"),
     Fault("status_500", "answers 500", _up(u.status(500, b'{"detail": "boom"}')), frozenset({(500, "backend")}),
           frozenset({(500, "backend")}), note="the model's own error passes unchanged"),
     Fault("wrong_content_length", "Content-Length 100, 5 bytes, close", _raw(u.wrong_content_length),
