@@ -59,16 +59,21 @@ async def test_overload_sheds_keeps_admitted_latency_and_recovers(upstreams, mak
                              "backends": {"m": {"url": up.url, "max_connections": 256}},
                              "routes": [{"name": "r", "split": {"m": 1}}]})
     url = sc.proxy_url + "/v1/models/m:predict"
+    p99s: dict[int, float] = {}
     for factor in (2, 8):
         counts, admitted, retry_after = await burst(url, MAX_INFLIGHT * factor, 8)
         assert set(counts) <= {(200, "backend"), (503, "overloaded")}, counts
         assert counts[(503, "overloaded")] > 0 and counts[(200, "backend")] > 0, counts
         assert retry_after == {"1"}
-        # queueing without bound would put admitted latency near factor x UPSTREAM_S (8x: 400 ms)
-        assert p99(admitted) < 5 * UPSTREAM_S, (factor, p99(admitted))
         assert up.in_flight <= MAX_INFLIGHT
+        p99s[factor] = p99(admitted)
+    # Queueing without bound would make admitted latency grow with the offered load (8x: ~400 ms,
+    # 4 times the 2x figure). Shedding keeps it near the backend's 50 ms. The bounds leave room
+    # for a machine shared with other test runs (clients, backend and sidecar share one loop here).
+    assert p99s[2] < 10 * UPSTREAM_S, p99s
+    assert p99s[8] < 2 * p99s[2] + UPSTREAM_S, p99s
     t0 = time.perf_counter()
     async with client.post(url, data=b"{}") as r:
         assert r.status == 200
-    assert time.perf_counter() - t0 < 0.5
+    assert time.perf_counter() - t0 < 1.0
     assert sc.proxy.inflight == 0
