@@ -176,6 +176,10 @@ class LimitsConfig(_Model):
     idle_timeout: Seconds = Field(default=75.0, description="idle client keep-alive connections close after this")
     max_header_bytes: ByteSize = Field(default=8190, ge=256, description="longest request line or header field")
     max_headers: int = Field(default=128, ge=8, description="most header fields in a request")
+    # connection guards (shell/listener.py)
+    max_connections: int = Field(default=10000, ge=1,
+                                 description="open client connections at most; past it new ones are closed at once")
+    header_timeout: Seconds = Field(default=10.0, description="a request head must arrive within this (else closed)")
 
 
 class DrainConfig(_Model):

@@ -17,6 +17,7 @@ Imports: stdlib, prometheus_client.
 
 from __future__ import annotations
 
+import asyncio
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
@@ -252,12 +253,29 @@ class Metrics:
                           self.route_error_ratio, self.monitor_samples, self.monitor_missing, self.monitor_dropped,
                           self.sample_log_lines, self.sample_log_dropped, self.sample_log_errors]
         # --- end monitor
+        # --- reliability: connection guards (shell/listener.py) and leak watching ---
+        self.client_timeouts = CounterFamily(
+            "client_timeouts_total", "Client connections closed for being too slow, by phase (header).", ("phase",))
+        self.malformed_requests = CounterFamily(
+            "malformed_requests_total", "Requests refused by the HTTP parser (400, connection closed).", ())
+        self.open_connections = CallbackGauge("open_connections", "Open client connections on the proxy listener.", ())
+        self.event_loop_tasks = CallbackGauge("event_loop_tasks", "asyncio tasks alive in the event loop.", ())
+        self.event_loop_tasks.read = _task_count
+        self.families += [self.client_timeouts, self.malformed_requests, self.open_connections, self.event_loop_tasks]
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_SidecarCollector(self))
         ProcessCollector(registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _task_count() -> list[tuple[tuple[str, ...], float]]:
+    """asyncio tasks alive at scrape time (the scrape runs on the loop); a leak shows as growth."""
+    try:
+        return [((), float(len(asyncio.all_tasks())))]
+    except RuntimeError:  # no running loop (a scrape from another thread)
+        return []
 
 
 class _SidecarCollector(Collector):

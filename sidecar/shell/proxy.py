@@ -79,7 +79,7 @@ LOG_EVERY_S: Final = 10.0
 class _Cells:
     """Metric cells of one (route, backend), looked up once per request or try."""
 
-    __slots__ = ("attempt_ok", "attempts", "codes", "duration", "labels", "metrics", "retries", "ttfb")
+    __slots__ = ("_retries", "attempts", "codes", "duration", "labels", "metrics", "ttfb")
 
     def __init__(self, metrics: Metrics, route: str, backend: str) -> None:
         self.metrics, self.labels = metrics, (route, backend)
@@ -87,8 +87,13 @@ class _Cells:
         self.duration: HistCell = metrics.request_duration.labels(route, backend)
         self.ttfb: HistCell = metrics.ttfb.labels(route, backend)
         self.attempts: dict[Outcome, Cell] = {}
-        self.attempt_ok: Cell = self.attempt(Outcome.OK)
-        self.retries: Cell = metrics.retries.labels(route, backend)
+        self._retries: Cell | None = None  # made on first use: no zero samples for pairs never tried
+
+    @property
+    def retries(self) -> Cell:
+        if self._retries is None:
+            self._retries = self.metrics.retries.labels(*self.labels)
+        return self._retries
 
     def attempt(self, outcome: Outcome) -> Cell:
         cell = self.attempts.get(outcome)
@@ -327,7 +332,7 @@ class Proxy:
         ttfb = ex.upstream_s = ex.ttfb_s = perf_counter() - t_try
         cells.ttfb.observe(ttfb)
         if answer.status < 400:
-            cells.attempt_ok.value += 1
+            cells.attempt(Outcome.OK).value += 1
             ex.error = None  # an earlier try's failure is not this answer's
         else:
             outcome = classify_status(answer.status)

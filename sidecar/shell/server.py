@@ -29,6 +29,7 @@ from sidecar.config.load import LoadedConfig
 from sidecar.config.plan import Plan
 from sidecar.shell.accesslog import AccessLog
 from sidecar.shell.admin import StatusProvider, build_admin_app
+from sidecar.shell.listener import Listener
 from sidecar.shell.metrics import Metrics
 from sidecar.shell.mirror import Mirrors
 from sidecar.shell.proxy import Proxy
@@ -102,8 +103,9 @@ class Sidecar:
     async def run(self) -> int:
         plan = self.proxy.runtime.plan
         limits = plan.limits
-        proxy_server = web.Server(
-            self.proxy, access_log=None, keepalive_timeout=limits.idle_timeout,
+        proxy_server = Listener(  # web.Server + max_connections and header_timeout
+            self.proxy, metrics=self.metrics, max_connections=limits.max_connections,
+            header_timeout_s=limits.header_timeout, access_log=None, keepalive_timeout=limits.idle_timeout,
             max_line_size=limits.max_header_bytes, max_field_size=limits.max_header_bytes,
             max_headers=limits.max_headers, lingering_time=2.0)
         proxy_runner = web.ServerRunner(proxy_server, handle_signals=False, shutdown_timeout=0.5)

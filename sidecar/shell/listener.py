@@ -1,0 +1,158 @@
+"""The proxy listener's connection guards: a cap on open connections and a deadline for
+request heads (slowloris), as a minimal subclass of aiohttp's low-level server.
+
+aiohttp bounds the size of a request head (max_line_size, max_field_size, max_headers) and
+closes idle keep-alive connections (keepalive_timeout), but it has no deadline for a head
+that trickles in byte by byte (its idle timer only fires at `idle_timeout`, 75 s by default)
+and no cap on connections. This module adds both:
+
+    limits.max_connections   at this many open connections a new one is closed at once,
+                             before a byte is read; counted in
+                             shed_requests_total{reason="max_connections"}
+    malformed heads          aiohttp's parser refuses them (400, connection closed); we answer
+                             in the SPEC 3.4 JSON shape (`bad_request`) instead of aiohttp's
+                             text, without echoing the client's bytes, count them in
+                             malformed_requests_total and log at most one warning per 10 s
+                             (aiohttp logs each with a traceback: a flood would be a log flood)
+    limits.header_timeout    a connection must deliver a complete request head within this
+                             of opening, and within this of the first byte of each later
+                             head on a keep-alive connection; else it is closed, counted in
+                             client_timeouts_total{phase="header"}
+
+Cost: one timer per connection, re-armed every `header_timeout` (not per request), and one
+integer comparison per `data_received` call. Nothing is created per request.
+
+NOTE (approximations, as Envoy's resource_manager_impl.h states its own):
+- A head's clock starts at the first read that finds the connection idle (waiting for a
+  request), not at the end of the previous answer; an idle keep-alive connection that sends
+  nothing is left to `idle_timeout`.
+- A partial head that arrives pipelined behind a request still being handled is not timed;
+  `idle_timeout` bounds it.
+- The deadline is checked when the connection's timer fires, so a head is cut at
+  `header_timeout` after it started, give or take the loop's timer resolution (1 ms).
+- Open connections are counted from accept to close; connections still finishing their
+  last answer during a drain count until they close.
+
+Imports: stdlib, aiohttp, sidecar.shell.metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from sidecar.shell.metrics import Cell, Metrics
+
+log = logging.getLogger("sidecar.listener")
+WARN_EVERY_S = 10.0  # at most one warning per this many seconds per kind of refusal
+# aiohttp's parser messages quote the offending bytes after a colon; we keep only the words
+_QUOTED = re.compile(r":\s*(?:\n|b'|b\"|bytearray\().*", re.S)
+
+
+class Listener(web.Server):
+    """`web.Server` whose connections are capped and whose request heads have a deadline."""
+
+    def __init__(self, handler: Any, *, metrics: Metrics, max_connections: int, header_timeout_s: float,
+                 **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.max_connections = max_connections
+        self.header_timeout_s = header_timeout_s
+        self.open_connections = 0
+        self.shed_connections: Cell = metrics.shed.labels("max_connections")
+        self.header_timeouts: Cell = metrics.client_timeouts.labels("header")
+        self.malformed: Cell = metrics.malformed_requests.labels()
+        self._warned_at = {"max_connections": -WARN_EVERY_S, "header": -WARN_EVERY_S, "malformed": -WARN_EVERY_S}
+        metrics.open_connections.read = lambda: [((), float(self.open_connections))]
+
+    def __call__(self) -> RequestHandler:
+        return GuardedHandler(self, loop=self._loop, **self._kwargs)
+
+    def warn(self, kind: str, message: str, *args: object) -> None:
+        """Log a refusal at most once per WARN_EVERY_S: a flood is counted, not logged line by line."""
+        now = self._loop.time()
+        if now - self._warned_at[kind] >= WARN_EVERY_S:
+            self._warned_at[kind] = now
+            log.warning(message, *args)
+
+
+class GuardedHandler(RequestHandler):
+    __slots__ = ("_admitted", "_head_since", "_head_timer", "_listener")
+
+    def __init__(self, listener: Listener, **kwargs: Any) -> None:
+        super().__init__(listener, **kwargs)
+        self._listener = listener
+        self._admitted = False
+        self._head_since = 0.0    # loop time a still-incomplete head started; 0.0: none pending
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        listener = self._listener
+        if listener.open_connections >= listener.max_connections:
+            listener.shed_connections.value += 1
+            listener.warn("max_connections", "at limits.max_connections (%d): closing new connections",
+                          listener.max_connections)
+            self._manager = None  # RequestHandler.connection_lost then does nothing
+            transport.close()
+            return
+        self._admitted = True
+        listener.open_connections += 1
+        super().connection_made(transport)
+        now = self._loop.time()
+        self._head_since = now    # the first head's clock starts at accept
+        self._head_timer = self._loop.call_at(now + listener.header_timeout_s, self._check_head)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._admitted:
+            self._admitted = False
+            self._listener.open_connections -= 1
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        count = self._request_count
+        super().data_received(data)
+        if self._request_count != count:
+            self._head_since = 0.0                 # a head completed
+        elif not self._head_since and self._waiter is not None:
+            self._head_since = self._loop.time()   # first bytes of a head on an idle connection
+
+    def _check_head(self) -> None:
+        self._head_timer = None
+        if not self._admitted or self._force_close or self.transport is None:
+            return
+        timeout_s = self._listener.header_timeout_s
+        now = self._loop.time()
+        since = self._head_since
+        if since and now - since >= timeout_s:
+            self._listener.header_timeouts.value += 1
+            self._listener.warn("header", "closing a connection that sent no complete request head in %.1fs "
+                                "(limits.header_timeout; further ones are counted in "
+                                "sidecar_client_timeouts_total)", timeout_s)
+            self.force_close()
+            return
+        self._head_timer = self._loop.call_at((since + timeout_s) if since else (now + timeout_s), self._check_head)
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status != 400:  # not a parse error: aiohttp's own handling (logs with traceback)
+            return super().handle_error(request, status, exc, message)
+        listener = self._listener
+        listener.malformed.value += 1
+        reason = _QUOTED.sub("", message or "malformed request")[:200] or "malformed request"
+        listener.warn("malformed", "malformed request refused with 400: %s (further ones are counted in "
+                      "sidecar_malformed_requests_total)", reason)
+        if request.writer.output_size > 0:
+            raise ConnectionError("malformed request after the answer started")
+        body = orjson.dumps({"error": {"type": "bad_request", "message": reason, "route": None,
+                                       "request_id": None}})
+        resp = web.Response(status=400, body=body, content_type="application/json")
+        resp.force_close()
+        return resp
