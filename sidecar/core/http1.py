@@ -36,16 +36,17 @@ END: Final = _End()
 
 
 class Head:
-    __slots__ = ("chunked", "headers", "keep_alive", "length", "reason", "status")
+    __slots__ = ("chunked", "event_stream", "headers", "keep_alive", "length", "reason", "status")
 
     def __init__(self, status: int, reason: str, headers: list[tuple[str, str]], keep_alive: bool,
-                 length: int | None, chunked: bool) -> None:
+                 length: int | None, chunked: bool, event_stream: bool = False) -> None:
         self.status = status
         self.reason = reason
         self.headers = headers
         self.keep_alive = keep_alive
         self.length = length      # body bytes when Content-Length framed; None otherwise
         self.chunked = chunked
+        self.event_stream = event_stream  # Content-Type text/event-stream: relayed event by event
 
     def __repr__(self) -> str:
         return f"Head({self.status}, length={self.length}, chunked={self.chunked}, keep_alive={self.keep_alive})"
@@ -217,6 +218,7 @@ class ResponseParser:
         length: int | None = None
         chunked = False
         connection = b""
+        event_stream = False
         for line in lines[1:]:
             name, sep, value = line.partition(b":")
             if not sep or not name or any(c not in _TOKEN for c in name):
@@ -237,13 +239,15 @@ class ResponseParser:
                 chunked = True
             elif lname == b"connection":
                 connection += b"," + value.lower()
+            elif lname == b"content-type":
+                event_stream = value[:17].lower() == b"text/event-stream"
             headers.append((name.decode("latin-1"), value.decode("latin-1")))
         keep_alive = b"close" not in connection if minor == b"1" else b"keep-alive" in connection
         if self._head_request or status in (204, 304):
-            return Head(status, reason, headers, keep_alive, 0, False)
+            return Head(status, reason, headers, keep_alive, 0, False, event_stream)
         if chunked:
             # RFC 9112 6.3: Transfer-Encoding overrides Content-Length; do not reuse
-            return Head(status, reason, headers, keep_alive and length is None, None, True)
+            return Head(status, reason, headers, keep_alive and length is None, None, True, event_stream)
         if length is None:
             keep_alive = False  # close-delimited body
-        return Head(status, reason, headers, keep_alive, length, False)
+        return Head(status, reason, headers, keep_alive, length, False, event_stream)

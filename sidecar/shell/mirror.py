@@ -285,17 +285,18 @@ class Mirrors:
         deadline = asyncio.get_running_loop().time() + m.timeout_s
         answer: Answer | None = None
         try:
-            # one deadline for the whole mirror: head, body and a streamed answer's chunks
-            async with asyncio.timeout_at(deadline):
-                answer = await pool.attempt(ticket.method, ticket.raw_path, headers, ticket.body, deadline,
-                                            deadline, buffer_limit=ticket.read_limit if compare else None)
-                if classify_status(answer.status) is Outcome.SERVER_ERROR:
-                    return SHADOW_ERROR
-                shadow_body = answer.body
-                if shadow_body is None:
+            # one deadline for the whole mirror: the try enforces it up to a whole buffered
+            # answer; a streamed answer's chunks are read under the same deadline
+            answer = await pool.attempt(ticket.method, ticket.raw_path, headers, ticket.body, deadline,
+                                        deadline, buffer_limit=ticket.read_limit if compare else None)
+            if classify_status(answer.status) is Outcome.SERVER_ERROR:
+                return SHADOW_ERROR
+            shadow_body = answer.body
+            if shadow_body is None:
+                async with asyncio.timeout_at(deadline):
                     shadow_body = await _read_stream(answer, ticket.read_limit if compare else None, m.timeout_s)
         except UpstreamFailure as f:
-            return SHADOW_TIMEOUT if f.outcome is Outcome.TIMEOUT else SHADOW_ERROR
+            return SHADOW_TIMEOUT if f.timed_out else SHADOW_ERROR
         except TimeoutError:
             return SHADOW_TIMEOUT
         finally:

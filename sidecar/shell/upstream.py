@@ -173,6 +173,10 @@ class _Conn(asyncio.Protocol):
                 self.transport.resume_reading()
         return ev
 
+    def expire(self) -> None:
+        """The try's deadline passed (a loop timer): fail the waiting try, drop the connection."""
+        self._fail(UpstreamFailure(Outcome.TIMEOUT, "timed out"))
+
     def close(self) -> None:
         if self.transport is not None:
             self.transport.abort()
@@ -270,15 +274,20 @@ class UpstreamPool:
 
     # -- connections --------------------------------------------------------------------------
 
-    async def _acquire(self) -> _Conn:
-        loop = asyncio.get_running_loop()
+    def _take_idle(self, now: float) -> _Conn | None:
+        """The most recently used idle connection that is still good (LIFO keeps few warm)."""
         idle = self._idle
         while idle:
             conn = idle.pop()
-            if conn.usable and loop.time() - conn.idle_since < POOL_IDLE_S:
+            if conn.usable and now - conn.idle_since < POOL_IDLE_S:
                 return conn
             conn.close()
             self._open -= 1
+        return None
+
+    async def _acquire(self) -> _Conn:
+        """A connection when none is idle: open one, or wait for one (bounded by the caller)."""
+        loop = asyncio.get_running_loop()
         while self._open >= self._max_connections:
             fut: asyncio.Future[_Conn | None] = loop.create_future()
             self._waiters.append(fut)
@@ -352,29 +361,44 @@ class UpstreamPool:
         `limits.buffer_response_bytes`.
         """
         limit = self._buffer_limit if buffer_limit is None else buffer_limit
+        loop = asyncio.get_running_loop()
         conn: _Conn | None = None
+        timer: asyncio.TimerHandle | None = None
         self.inflight += 1
         streaming = False
         try:
-            async with asyncio.timeout_at(headers_deadline) as timeout:
-                conn = await self._acquire()
-                conn.start(self._request_bytes(method, raw_path, headers, body), method == "HEAD")
-                head = await conn.next_event()
-                assert isinstance(head, Head)
-                length = head.length
-                if length is not None and length <= limit and not _is_event_stream(head):
-                    if try_deadline != headers_deadline:
-                        timeout.reschedule(try_deadline)
-                    parts = []
-                    while (ev := await conn.next_event()) is not END:
-                        assert isinstance(ev, bytes)
-                        parts.append(ev)
-                    self._release(conn)
-                    conn = None
-                    return Answer(head, parts[0] if len(parts) == 1 else b"".join(parts), None, self)
-                streaming = True
-                return Answer(head, None, conn, self)
+            conn = self._take_idle(loop.time())
+            if conn is None:  # connecting (or waiting for a slot) is bounded by the same deadline
+                async with asyncio.timeout_at(headers_deadline):
+                    conn = await self._acquire()
+            # NOTE: a plain loop timer on the connection, not asyncio.timeout: when it fires it
+            # fails the waiting try with a TIMEOUT and aborts the connection. Cheaper per try
+            # (no task bookkeeping); the try never awaits anything but this connection.
+            timer = loop.call_at(headers_deadline, conn.expire)
+            conn.start(self._request_bytes(method, raw_path, headers, body), method == "HEAD")
+            head = await conn.next_event()
+            assert isinstance(head, Head)
+            length = head.length
+            if length is not None and length <= limit and not head.event_stream:
+                if try_deadline != headers_deadline:
+                    timer.cancel()
+                    timer = loop.call_at(try_deadline, conn.expire)
+                parts = []
+                while (ev := await conn.next_event()) is not END:
+                    assert isinstance(ev, bytes)
+                    parts.append(ev)
+                timer.cancel()
+                timer = None
+                self._release(conn)
+                conn = None
+                return Answer(head, parts[0] if len(parts) == 1 else b"".join(parts), None, self)
+            timer.cancel()
+            timer = None
+            streaming = True
+            return Answer(head, None, conn, self)
         except BaseException as e:
+            if timer is not None:
+                timer.cancel()
             if conn is not None:
                 conn.close()
                 self._release(conn)
@@ -409,10 +433,3 @@ class UpstreamPool:
         for w in self._waiters:
             if not w.done():
                 w.set_result(None)  # a free slot: the waiter opens its own connection (and closes it after)
-
-
-def _is_event_stream(head: Head) -> bool:
-    for k, v in head.headers:
-        if len(k) == 12 and k.lower() == "content-type":
-            return v.lstrip().lower().startswith("text/event-stream")
-    return False

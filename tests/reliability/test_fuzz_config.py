@@ -81,10 +81,18 @@ ALL_PATHS = [p for p in paths(EXAMPLE) if p]
 
 def mutate(doc: Any, path: tuple[Any, ...], op: str, value: Any) -> Any:
     doc = copy.deepcopy(doc)
+    def has(node: Any, part: Any) -> bool:
+        return (isinstance(node, dict) and part in node) or \
+            (isinstance(node, list) and isinstance(part, int) and part < len(node))
+
     parent = doc
-    for part in path[:-1]:
+    for part in path[:-1]:  # an earlier mutation may have replaced or removed part of the path
+        if not has(parent, part):
+            return doc
         parent = parent[part]
     key = path[-1]
+    if not has(parent, key):
+        return doc
     if op == "replace":
         parent[key] = value
     elif op == "delete":
