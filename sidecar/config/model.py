@@ -252,8 +252,7 @@ class StickyConfig(_Model):
     header: HeaderName
 
 
-# --- mirror (shadow mode) ----------------------------------------------------------
-# --- monitor: payload sampling, drift, sample log --------------------------------
+# --- mirror (shadow mode) and monitor (sampling, drift, sample log) ---------------------
 
 
 def _check_json_path(value: str) -> str:
@@ -290,7 +289,6 @@ class MirrorConfig(_Model):
     compare: CompareConfig | None = None
 
 
-# --- end mirror ------------------------------------------------------------------------------
 _FEATURE_NAME = r"^[A-Za-z0-9_.-]+$"
 
 
@@ -349,7 +347,6 @@ class MonitorConfig(_Model):
                              f"({self.drift.min_samples}), or no verdict is ever reached")
         return self
 
-# --- end monitor ----------------------------------------------------------------------------
 RETRY_ON_WORDS = frozenset({"connect-error", "timeout", "reset", "5xx"})
 
 

@@ -108,7 +108,7 @@ class BackendPlan:
         )
 
 
-# --- mirror (shadow mode) ----------------------------------------------------------
+# --- mirror (shadow mode) ------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,8 +128,8 @@ class MirrorPlan:
     tolerance: float
     rel_tolerance: float
     window: int
-    # paths redacted from both answers before a disagreement is kept (the monitor's
-    # `log.redact` once it exists; SPEC 5 "redacted as the sample log is")
+    # paths redacted from both answers before a disagreement is kept (the route's
+    # `monitor.log.redact`; SPEC 5 "redacted as the sample log is")
     redact: tuple[JsonPath, ...]
     compare_fingerprint: str          # a change resets the agreement window on reload
 
@@ -156,8 +156,7 @@ class MirrorPlan:
         )
 
 
-# --- end mirror ------------------------------------------------------------------------------
-# --- monitor ----------------------------------------------------------------------
+# --- monitor (sampling, drift, sample log) ---------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +241,6 @@ class MonitorPlan:
             fingerprint=_fingerprint(cfg.model_dump(mode="json"), str(base_dir)),
         )
 
-# --- end monitor ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)

@@ -133,7 +133,7 @@ class RetryPolicy:
         """Whether `retry.on` covers this outcome; ignores tries left, deadline and budget."""
         if outcome in self._retry_on:
             return True
-        # An exact code matches any answer with that status, a 4xx or 2xx included: the
+        # An exact code matches any answer with that status, a 4xx included: the
         # operator listed it on purpose (e.g. 429).
         return status is not None and status in self.on_statuses and outcome not in _NEVER
 

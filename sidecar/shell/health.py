@@ -34,7 +34,7 @@ class HealthChecker:
     def __init__(self, backend: Backend) -> None:
         assert backend.plan.health_check is not None and backend.health is not None
         self.backend = backend
-        self.checks = 0  # checks done, all endpoints (for tests and the status page)
+        self.checks = 0  # checks done, all endpoints (tests wait on it)
         plan = backend.plan
         self._pools = tuple(UpstreamPool(plan, 64 * 1024, i, max_connections=1) for i in range(len(plan.endpoints)))
 

@@ -220,7 +220,7 @@ class Metrics:
         self.mirror_agreement = CallbackGauge(
             "mirror_agreement_ratio", "Rolling share (0-1) of compared mirror requests whose answers agree.", rb)
         self.families += [self.mirror_requests, self.mirror_agreement]
-        # --- monitor: read from shell/monitor.py's published snapshots at scrape time
+        # monitor: read from shell/monitor.py's published snapshots at scrape time
         rbf = ("route", "backend", "feature")
         self.drift_statistic = CallbackGauge(
             "drift_statistic", "Last drift pass: KS statistic (test=ks), chi-square statistic (test=chi2) "
@@ -252,8 +252,8 @@ class Metrics:
         self.families += [self.drift_statistic, self.drift_p_value, self.drift_detected, self.route_latency,
                           self.route_error_ratio, self.monitor_samples, self.monitor_missing, self.monitor_dropped,
                           self.sample_log_lines, self.sample_log_dropped, self.sample_log_errors]
-        # --- end monitor
-        # --- reliability: connection guards (shell/listener.py) and leak watching ---
+
+        # connection guards (shell/listener.py) and leak watching
         self.client_timeouts = CounterFamily(
             "client_timeouts_total", "Client connections closed for being too slow, by phase (header).", ("phase",))
         self.malformed_requests = CounterFamily(

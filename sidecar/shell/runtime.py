@@ -7,7 +7,7 @@ not change (same fingerprint): the whole `Backend` (pools, circuit breaker, outl
 ejections, health), and the `RouteState` (retry budget) of routes whose fingerprint did not
 change (SPEC 4).
 
-Imports: stdlib, sidecar.config, sidecar.core, sidecar.shell.metrics/backend/health.
+Imports: stdlib, sidecar.config, sidecar.core, sidecar.shell.metrics/backend/health/monitor.
 """
 
 from __future__ import annotations
