@@ -38,6 +38,11 @@ _Loader.yaml_implicit_resolvers = {
 _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                               list("tTfF"))
 
+def load_yaml(text: str) -> Any:
+    """YAML as the config loader reads it (1.2 booleans; safe: no arbitrary objects)."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
+
+
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|KEY", re.IGNORECASE)
 
@@ -54,7 +59,7 @@ def place_of(loc: tuple[int | str, ...] | list[int | str]) -> str:
     """('routes', 0, 'split') -> 'routes[0].split'."""
     out = ""
     for part in loc:
-        if isinstance(part, int):
+        if isinstance(part, int) and not isinstance(part, bool):
             out += f"[{part}]"
         else:
             out += f".{part}" if out else str(part)
@@ -102,7 +107,7 @@ def parse_config(text: str, *, env: Mapping[str, str] | None = None,
                  source: str = "<config>") -> tuple[Config, frozenset[str]]:
     """Validate config text; raise ConfigError listing every problem found."""
     try:
-        raw = yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+        raw = load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source

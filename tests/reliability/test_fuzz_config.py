@@ -16,11 +16,11 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.config.load import parse_config
+from sidecar.config.load import load_yaml, parse_config
 from sidecar.config.model import Config
 from sidecar.errors import ConfigError
 
-EXAMPLE = yaml.safe_load((Path(__file__).resolve().parents[2] / "config" / "example.yaml").read_text())
+EXAMPLE = load_yaml((Path(__file__).resolve().parents[2] / "config" / "example.yaml").read_text())
 ENV = {"SET": "8080", "STABLE_HOST": "10.0.0.1", "EMPTY": "", "SIDECAR_ADMIN_TOKEN": "t0k"}
 
 
