@@ -1,9 +1,9 @@
 """Fuzzing the config loader: any document gives a valid config or errors that each name a
 place and say what is wrong, never a traceback.
 
-The lead adds here (after issues 4-7 merge): the sections those issues add to the model
-(retry, fallback, mirror, monitor, rollout, feedback, health_check, endpoints) come into the
-mutation base below by themselves once config/example.yaml shows them.
+The mutation base is config/example.yaml, which shows every capability (endpoints, health
+checks, breakers, retry, fallback, mirror, monitor, state_dir), so mutations reach all of
+their sections.
 """
 
 from __future__ import annotations
@@ -129,8 +129,6 @@ def test_example_itself_is_valid():
     parse_config(yaml.safe_dump(EXAMPLE), env=ENV)
 
 
-# Issue 7 lands the weights body (PUT /admin/routes/{route}/weights) and the admin API's
-# OpenAPI document: the lead adds here a hypothesis property over weights bodies (any JSON
-# gives 200 or 400 with a message, never 500) and a schemathesis-style run over
-# /admin/openapi.json. Issue 6 lands the feedback body: same property for POST <feedback.path>.
-# The JSON path subset already has its properties in tests/core/test_jsonpath.py.
+# The weights body and the admin API's OpenAPI document are fuzzed against a running
+# sidecar in test_fuzz_admin.py. There is no feedback capability (no feedback body to fuzz).
+# The JSON path subset has its properties in tests/core/test_jsonpath.py.
