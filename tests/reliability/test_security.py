@@ -1,13 +1,14 @@
-"""Security properties that hold now: no request data in metric labels, and the access log
-never carries the Authorization header, cookies or query strings.
+"""Security properties: no request data in metric labels; the access log never carries the
+Authorization header, cookies or query strings; the sample log never carries redacted
+fields (request or response) nor any header.
 
-Marked places for the lead (after merging issues 6 and 7):
-- ADMIN TOKEN MATRIX (issue 7, SPEC 5): for every admin endpoint but /healthz, /readyz and
-  /metrics, with a token set: no token -> 401, wrong token -> 401, right token -> 2xx/4xx
-  per endpoint; on a non-loopback admin listener without a token, every mutating endpoint
-  -> 403. Drive it from the admin app's router so a new endpoint cannot be forgotten.
-- SAMPLE-LOG REDACTION (issue 6): send payloads with the fields named in `log.redact` and an
-  Authorization header; read the sample log; assert neither the values nor the header appear.
+Elsewhere, not repeated here: the admin token on every admin endpoint but /healthz, /readyz
+and /metrics, driven from the admin app's router so a new endpoint cannot be forgotten, and
+403 for mutating calls on a non-loopback listener without a token (tests/shell/test_admin.py);
+the same with random tokens, methods and paths (tests/reliability/test_fuzz_admin.py);
+masked secrets in /admin/config (tests/shell/test_admin.py); redaction in mirror
+disagreements (tests/shell/test_mirror.py) and in the sample log's record shape
+(tests/shell/test_monitor.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import secrets
 
 import orjson
 
+from reliability.common import metric
 from sidecar.core.outcome import Outcome
 from sidecar.core.retry import NoRetry
 from tests import upstreams as u
@@ -97,3 +99,36 @@ async def test_access_log_never_has_authorization_cookies_or_query(upstreams, ma
     assert secret.encode() not in text
     assert b"authorization" not in text.lower() and b"cookie" not in text.lower()
     assert all(rec["path"] == "/v1/models/m:predict" for rec in lines)
+
+
+async def test_sample_log_never_has_redacted_fields_or_headers(upstreams, make_sidecar: MakeSidecar, client,
+                                                                tmp_path):
+    """Redacted request and response fields, the Authorization header and cookies never reach the sample log."""
+    secret = token()
+    up = await upstreams.start(u.answer(json={"predictions": [0.5], "user": {"email": f"{secret}@example.com"}}))
+    path = tmp_path / "samples.jsonl"
+    monitor = {"sample": 1.0, "log": {"path": str(path), "redact": ["$.user.email", "$.instances[*].ssn"]}}
+    sc = await make_sidecar({"backends": {"m": {"url": up.url}},
+                             "routes": [{"name": "r", "split": {"m": 1}, "monitor": monitor}]})
+    n = 10
+    for i in range(n):
+        body = orjson.dumps({"user": {"email": f"{secret}@example.com", "plan": "gold"},
+                             "instances": [{"ssn": f"{secret}-{i}", "amount": i}]})
+        async with client.post(sc.proxy_url + f"/v1/models/m:predict?api_key={secret}", data=body, headers={
+                "Authorization": f"Bearer {secret}", "Cookie": f"session={secret}", "x-api-key": secret}) as r:
+            assert r.status == 200
+    for _ in range(200):
+        async with client.get(sc.admin_url + "/metrics") as r:
+            if metric(await r.text(), "sidecar_sample_log_lines_total", 'route="r"') >= n:
+                break
+        await asyncio.sleep(0.05)
+    text = path.read_bytes()
+    lines = [orjson.loads(line) for line in text.splitlines()]
+    assert len(lines) == n
+    assert secret.encode() not in text
+    assert b"authorization" not in text.lower() and b"cookie" not in text.lower() and b"bearer" not in text.lower()
+    for line in lines:
+        assert line["request"]["user"] == {"email": "[redacted]", "plan": "gold"}
+        assert line["request"]["instances"][0]["ssn"] == "[redacted]"
+        assert line["response"]["user"]["email"] == "[redacted]"
+        assert "headers" not in line and "query" not in line
