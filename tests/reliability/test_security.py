@@ -23,6 +23,7 @@ import orjson
 from reliability.common import metric
 from sidecar.core.outcome import Outcome
 from sidecar.core.retry import NoRetry
+from sidecar.shell.mirror import OUTCOMES
 from tests import upstreams as u
 from tests.conftest import MakeSidecar
 
@@ -34,12 +35,23 @@ def token() -> str:
 async def test_no_request_data_in_metric_labels(upstreams, make_sidecar: MakeSidecar, client):
     """Random paths, queries, header names and values, override names, sticky keys: none reaches /metrics."""
     stable, canary = await upstreams.start(name="stable"), await upstreams.start(u.status(500), name="canary")
+    shadow = await upstreams.start(u.echo(), name="shadow")
+    # every capability that makes labels: retries, fallback, breaker, endpoints and health
+    # checks, a mirror with comparison, monitoring with features and a reference
     sc = await make_sidecar({
-        "backends": {"stable": {"url": stable.url}, "canary": {"url": canary.url}, "down": {"url": u.refused_url()}},
+        "backends": {"stable": {"endpoints": [stable.url, stable.url], "health_check": {"interval": "1s"},
+                                "outlier": {}},
+                     "canary": {"url": canary.url, "circuit_breaker": {}}, "shadow": {"url": shadow.url},
+                     "down": {"url": u.refused_url()}},
         "routes": [{"name": "r", "match": {"path_prefix": "/v1", "methods": ["POST"]},
                     "split": {"stable": 50, "canary": 50}, "sticky": {"header": "x-user-id"},
-                    "override_header": "x-backend"},
-                   {"name": "down", "match": {"path_prefix": "/down"}, "split": {"down": 1}}]})
+                    "override_header": "x-backend", "retry": {"attempts": 2, "on": ["5xx", "connect-error"]},
+                    "mirror": [{"backend": "shadow", "compare": {"path": "$.predictions[*]"}}],
+                    "monitor": {"sample": 1.0, "reference": {"backend": "stable"}, "drift": {"min_samples": 5,
+                                                                                            "every": "100ms"},
+                                "features": {"f": {"from": "request", "path": "$.x"}}}},
+                   {"name": "down", "match": {"path_prefix": "/down"}, "split": {"down": 1},
+                    "fallback": [{"response": {"status": 200, "json": {"fallback": True}}}]}]})
     sent: list[str] = []
     for i in range(60):
         t = [token() for _ in range(7)]
@@ -48,16 +60,20 @@ async def test_no_request_data_in_metric_labels(upstreams, make_sidecar: MakeSid
         headers = {"x-user-id": t[2], "x-backend": t[3] if i % 2 else "canary", "x-request-id": t[4],
                    f"x-{t[5]}": t[6], "traceparent": f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"}
         method = "POST" if i % 5 else "PUT"
-        async with client.request(method, sc.proxy_url + path, data=b"{}", headers=headers) as r:
+        body = orjson.dumps({"x": i, t[5]: t[6]})
+        async with client.request(method, sc.proxy_url + path, data=body, headers=headers) as r:
             await r.read()
     async with client.get(sc.admin_url + "/metrics") as r:
         text = await r.text()
+    assert {"endpoint", "outcome", "reason", "kind"} <= set(re.findall(r'(\w+)="', text))
     assert "leak" not in text, [line for line in text.splitlines() if "leak" in line][:5]
     # every label value comes from the config or a fixed enumeration (a new label name must be added here)
-    allowed = {"route": {"r", "down", "(no_route)"}, "backend": {"stable", "canary", "down", ""},
+    allowed = {"route": {"r", "down", "(no_route)"},
+               "backend": {"stable", "canary", "shadow", "down", "fallback:response", ""},
                "reason": {"max_inflight", "max_connections", *map(str, NoRetry)}, "phase": {"header"},
-               "outcome": set(map(str, Outcome)), "kind": {"backend", "response"},
-               "result": {"ok", "unchanged", "error"}, "quantile": {"0.5", "0.95", "0.99"}}
+               "outcome": set(map(str, Outcome)) | set(OUTCOMES), "kind": {"backend", "response"},
+               "result": {"ok", "unchanged", "error"}, "quantile": {"0.5", "0.95", "0.99"},
+               "feature": {"f"}, "test": {"ks", "chi2"}, "endpoint": {"0", "1"}}
     for line in text.splitlines():
         if line.startswith("#") or "{" not in line:
             continue
