@@ -1,9 +1,8 @@
 """Fuzzing the config loader: any document gives a valid config or errors that each name a
 place and say what is wrong, never a traceback.
 
-The mutation base is config/example.yaml, which shows every capability (endpoints, health
-checks, breakers, retry, fallback, mirror, monitor, state_dir), so mutations reach all of
-their sections.
+The mutation base is config/example.yaml, which shows the capabilities' sections (health
+checks, breakers, retry, fallback, mirror, monitor), so mutations reach them too.
 """
 
 from __future__ import annotations
