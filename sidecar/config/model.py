@@ -11,6 +11,7 @@ Imports: stdlib, pydantic, sidecar.errors.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, Literal
 
@@ -451,6 +452,8 @@ class Config(_Model):
                           for b in route.split if b not in self.backends)
             if route.split and sum(route.split.values()) <= 0:
                 issues.append(ConfigIssue(f"{place}.split", "weights must not all be 0"))
+            elif route.split and not math.isfinite(sum(route.split.values())):
+                issues.append(ConfigIssue(f"{place}.split", "weights are too large: their sum must be finite"))
             # each shadow must be a known backend, mirrored at most once per route
             issues.extend(ConfigIssue(f"{place}.mirror[{j}].backend",
                                       f"unknown backend {m.backend!r} (known: {known_text})")

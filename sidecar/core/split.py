@@ -50,7 +50,7 @@ class Split:
         assert weights, "a split needs at least one backend"
         self.names: tuple[str, ...] = tuple(n for n, _ in weights)
         self.weights: tuple[float, ...] = tuple(float(w) for _, w in weights)
-        assert all(w >= 0 for w in self.weights) and sum(self.weights) > 0
+        assert all(w >= 0 for w in self.weights) and 0 < sum(self.weights) < math.inf
         self._cum = list(accumulate(self.weights))
         self._total = self._cum[-1]
         self._seeds = tuple(key_hash(n) for n in self.names)

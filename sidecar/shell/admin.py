@@ -290,13 +290,16 @@ def _route_or_404(sidecar: Sidecar, name: str) -> RoutePlan | web.Response:
 
 async def put_weights(request: web.Request) -> web.Response:
     sidecar = request.app[SIDECAR_KEY]
+    unknown = _route_or_404(sidecar, request.match_info["route"])
+    if isinstance(unknown, web.Response):
+        return unknown  # 404 before the body is judged
     raw = await request.read()
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
         return admin_error(400, "invalid_weights", f"the body is not JSON: {e}")
     # from here to `set` nothing awaits: the route and runtime are the ones now serving
-    route = _route_or_404(sidecar, request.match_info["route"])
+    route = _route_or_404(sidecar, request.match_info["route"])  # again: a reload may have run meanwhile
     if isinstance(route, web.Response):
         return route
     rt = sidecar.proxy.runtime

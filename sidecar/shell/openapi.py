@@ -170,7 +170,17 @@ _paths: dict[str, dict[str, Any]] = {
         "summary": "per route, backend and feature, the last drift pass: test, statistic, p-value, PSI, "
                    "samples on each side, drifted",
         "responses": {"200": _json({"type": "object", "properties": {
-            "routes": {"type": "object"}, "last_pass_s": _NUM_OR_NULL}}, "drift"), **_ERR}}},
+            "routes": {"type": "array", "items": {"type": "object", "properties": {
+                "route": {"type": "string"}, "reference": {}, "every_s": {"type": "number"},
+                "sample": {"type": "number"}, "policy": {"type": "object"}, "computed_at": _NUM_OR_NULL,
+                "dropped": {"type": "integer"},
+                "features": {"type": "array", "items": {"type": "object", "properties": {
+                    "route": {"type": "string"}, "backend": {"type": "string"}, "feature": {"type": "string"},
+                    "kind": {"enum": ["numeric", "categorical"]}, "status": {"type": "string"},
+                    "test": _STR_OR_NULL, "statistic": _NUM_OR_NULL, "p_value": _NUM_OR_NULL,
+                    "psi": _NUM_OR_NULL, "n_ref": {"type": "integer"}, "n_cur": {"type": "integer"},
+                    "drifted": {"type": ["boolean", "null"]}}}}}}},
+            "last_pass_s": _NUM_OR_NULL}}, "drift"), **_ERR}}},
     "/admin/reload": {"post": {
         "summary": "re-read and validate the config file; swap it in when valid",
         "responses": {"200": _json(_ref("ReloadResult"), "reloaded (result ok) or no change (result unchanged)"),

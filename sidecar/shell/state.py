@@ -68,8 +68,11 @@ def merge_weights(route: RoutePlan, current: Mapping[str, float], body: Any) -> 
         if weight < 0:
             raise InvalidWeights(f"weight of {name!r} must be 0 or more, got {weight!r}")
         merged[name] = float(weight)
-    if sum(merged.values()) <= 0:
+    total = sum(merged.values())
+    if total <= 0:
         raise InvalidWeights("weights must not all be 0")
+    if not math.isfinite(total):
+        raise InvalidWeights("weights are too large: their sum must be a finite number")
     return merged
 
 

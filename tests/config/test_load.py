@@ -134,3 +134,9 @@ def test_yaml_on_off_yes_no_are_strings_not_booleans():
     cfg, _ = parse_config(text + "access_log: false\n", env={})
     assert cfg.routes[0].retry is not None and cfg.routes[0].retry.on == ["connect-error", 503]
     assert cfg.access_log is False
+
+
+def test_weights_whose_sum_overflows_are_refused():
+    """Split weights so large that their sum is infinite are an error at their place."""
+    assert any("routes[0].split: weights are too large" in e
+               for e in errors(BASE.replace("{stable: 95, canary: 5}", "{stable: 1.7e308, canary: 1.7e308}")))
