@@ -105,10 +105,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         for issue in e.issues:
             log.error("invalid config: %s", issue)
         return 1
-    from sidecar.shell.server import Sidecar
+    from sidecar.shell.server import ListenError, Sidecar
 
     async def main() -> int:
-        return await Sidecar(loaded, install_signals=True).run()
+        try:
+            return await Sidecar(loaded, install_signals=True).run()
+        except ListenError as e:
+            log.error("%s", e)
+            return 1
 
     return _run_loop(main())
 

@@ -12,7 +12,8 @@ Owns, per process (one `Monitor`, carried from Runtime to Runtime across reloads
   pending samples with orjson, extracts features with compiled JSON paths into
   `core.window.FeatureWindow`s, counts missing/wrong-typed samples and hands redacted
   records to the sample logs (shell/samplelog.py); and, every route's `drift.every`, runs
-  `core.drift.judge` over all (backend, feature). scipy is warmed up in that thread at start.
+  `core.drift.judge` over all (backend, feature). scipy is imported and warmed up in that
+  thread before the first drift pass (never in a process that judges no drift).
 - publishing: the loop awaits each worker pass and stores its results (drift rows, counts)
   as plain snapshots; metrics callbacks and admin JSON read only those snapshots.
 
@@ -166,6 +167,7 @@ class Monitor:
     """See the module docstring. Built by Runtime; `run()` lives in the server's TaskGroup."""
 
     def __init__(self, metrics: Metrics, rng: Callable[[], float] = random.random) -> None:
+        self._scipy_ready = False
         self._rng = rng
         # loop-side
         self._plan: Plan | None = None
@@ -294,10 +296,6 @@ class Monitor:
         """Ingest every TICK_S and judge drift when due, in the worker; forever (TaskGroup)."""
         loop = asyncio.get_running_loop()
         try:
-            try:
-                await loop.run_in_executor(self._executor, _warm_up_scipy)
-            except Exception:
-                log.exception("monitor: scipy warm-up failed; drift passes will try again")
             while True:
                 await asyncio.sleep(TICK_S)
                 try:
@@ -323,6 +321,11 @@ class Monitor:
             return
         for name in due:
             self._next_drift[name] = now + self._monitored[name].every_s
+        if not self._scipy_ready:
+            # scipy (~60 MB) only in processes that judge drift, imported in the worker once,
+            # before the first pass, so that pass is not late by the import
+            await loop.run_in_executor(self._executor, _warm_up_scipy)
+            self._scipy_ready = True
         rows, elapsed = await loop.run_in_executor(self._executor, self._w_drift, due)
         self.last_drift_s = elapsed
         wall = time.time()

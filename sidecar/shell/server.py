@@ -40,11 +40,19 @@ from sidecar.shell.state import Overrides, resolve_state_dir
 log = logging.getLogger("sidecar.server")
 
 
+class ListenError(Exception):
+    """A listener could not be opened (address in use, permission, no such address)."""
+
+
 def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ListenError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     sock.setblocking(False)
     return sock
 
