@@ -298,6 +298,7 @@ class Proxy:
             if isinstance(got, Answer) and got.streaming:
                 got.close()  # a streamed answer cannot be kept while we retry
                 last = UpstreamFailure(outcome, f"answered {got.status}")
+                last.backend = got.backend
             await asyncio.sleep(decision)
             now = loop.time()
             previous = index
