@@ -57,6 +57,7 @@ from aiohttp import web
 from reliability.common import Outcome, describe, metric, send
 from reliability.disks import DiskKind, bad_disk
 from tests import upstreams as u
+from tests.harness import SidecarFactory
 
 OK: Outcome = (200, "backend")
 E502: Outcome = (502, "upstream_error")
@@ -478,30 +479,11 @@ async def run_restart(factory: u.UpstreamFactory, make_sidecar: MakeSidecar, ses
 @contextlib.asynccontextmanager
 async def _sidecars() -> Any:
     """The conftest's make_sidecar, for use outside pytest."""
-    import os
-
-    import yaml
-
-    from sidecar.config.load import LoadedConfig, config_version, parse_config
-    from sidecar.shell.server import Sidecar
-    from tests.conftest import sidecar_config
-
-    running: list[tuple[Any, asyncio.Future[int]]] = []
-
-    async def make(config: dict[str, Any]) -> Any:
-        cfg, secrets = parse_config(yaml.safe_dump(sidecar_config(config)), env=os.environ)
-        sc = Sidecar(LoadedConfig(cfg, config_version(cfg), None, secrets))
-        task = asyncio.ensure_future(sc.run())
-        await asyncio.wait_for(sc.ready.wait(), 10)
-        running.append((sc, task))
-        return sc
-
+    factory = SidecarFactory()
     try:
-        yield make
+        yield factory.make
     finally:
-        for sc, task in running:
-            sc.request_stop()
-            await asyncio.wait_for(task, 15)
+        await factory.aclose()
 
 
 def row(fault_name: str, what: str, result: Result, note: str = "") -> str:

@@ -1,0 +1,63 @@
+"""An in-process sidecar from a config dict, on ephemeral loopback ports: what the
+`make_sidecar` fixture (tests/conftest.py) and the reliability scripts (reliability/faults.py)
+both start. Imports: stdlib, yaml, sidecar."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sidecar.config.load import LoadedConfig, config_version, load_config, parse_config
+from sidecar.shell.server import Sidecar
+
+
+def sidecar_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Test defaults: loopback port 0, no access log, a drain that does not wait."""
+    base: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "admin": {"listen": "127.0.0.1:0"},
+        "access_log": False,
+        "drain": {"delay": 0, "grace": 2},
+    }
+    base.update(config)
+    return base
+
+
+class SidecarFactory:
+    """Starts sidecars (each `run()` in its own task) and stops them all in `aclose()`."""
+
+    def __init__(self) -> None:
+        self.running: list[tuple[Sidecar, asyncio.Task[int]]] = []
+
+    async def make(self, config: dict[str, Any], *, access_log_fd: int | None = None, path: Path | None = None,
+                   config_poll_s: float | None = None) -> Sidecar:
+        """With `path`, the config is written there and loaded from it, so it can be reloaded."""
+        text = yaml.safe_dump(sidecar_config(config))
+        if path is not None:
+            await asyncio.to_thread(path.write_text, text)
+            loaded = await asyncio.to_thread(load_config, path)
+        else:
+            cfg, secrets = parse_config(text, env=os.environ)
+            loaded = LoadedConfig(cfg, config_version(cfg), None, secrets)
+        sc = Sidecar(loaded, access_log_fd=access_log_fd, config_poll_s=config_poll_s)
+        task = asyncio.ensure_future(sc.run())
+        ready = asyncio.ensure_future(sc.ready.wait())
+        await asyncio.wait({task, ready}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            ready.cancel()
+            task.result()  # raises what went wrong
+            raise AssertionError("sidecar stopped before it was ready")
+        assert sc.ready.is_set(), "sidecar not ready within 10 s"
+        self.running.append((sc, task))
+        return sc
+
+    async def aclose(self) -> None:
+        for sc, _ in self.running:
+            sc.request_stop()
+        for _, task in self.running:
+            await asyncio.wait_for(task, 15)
+        self.running.clear()
