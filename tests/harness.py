@@ -1,11 +1,14 @@
 """An in-process sidecar from a config dict, on ephemeral loopback ports: what the
 `make_sidecar` fixture (tests/conftest.py) and the reliability scripts (reliability/faults.py)
-both start. Imports: stdlib, yaml, sidecar."""
+both start; and `until`, the one bounded poll for states that have no event to wait on.
+Imports: stdlib, yaml, sidecar."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,25 @@ def sidecar_config(config: dict[str, Any]) -> dict[str, Any]:
     }
     base.update(config)
     return base
+
+
+async def until(cond: Callable[[], object], timeout_s: float = 5.0, what: str = "condition") -> None:
+    """Poll a plain or async condition until it holds; TimeoutError after `timeout_s`.
+
+    Only for states the code under test reaches by itself with no event to wait on: traffic
+    counts, health flags, retired pools, metric values read over HTTP.
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                got = cond()
+                if inspect.isawaitable(got):
+                    got = await got
+                if got:
+                    return
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise TimeoutError(f"{what} not reached within {timeout_s}s") from None
 
 
 class SidecarFactory:

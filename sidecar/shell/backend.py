@@ -12,7 +12,10 @@ A `Backend` is what a route's split picks. It owns:
 `available(now)` says whether a new try may be picked here (SPEC 3.2): breaker allows,
 bulkhead not full, some endpoint healthy and not ejected. It spends nothing and allocates
 nothing. `try_` makes one try on a given endpoint and records its outcome for the breaker and
-the outlier detector (SPEC 8: every try, on any endpoint, counts for the breaker). Nothing
+the outlier detector (SPEC 8: every try, on any endpoint, counts for the breaker). A shadow
+copy (shell/mirror.py) is a try like any other: it is skipped while its backend is not
+available and its outcome feeds the breaker and outlier detection, so a hanging shadow with a
+`circuit_breaker` or `health_check` stops costing connections. Nothing
 here awaits except the try itself; the decisions are the pure core's.
 
 Approximation (NOTE): a streamed answer is recorded when its head arrives (an OK); a stream
@@ -40,6 +43,14 @@ from sidecar.core.outcome import Outcome, classify_status
 from sidecar.shell.upstream import Answer, UpstreamFailure, UpstreamPool
 
 log = logging.getLogger("sidecar.backend")
+
+
+class CircuitRefused(UpstreamFailure):
+    """A try refused unsent: the half-open circuit's probe slots were taken meanwhile."""
+
+    def __init__(self, backend: str) -> None:
+        super().__init__(Outcome.CONNECT_ERROR, f"circuit of {backend} is not letting tries through")
+        self.backend = backend
 
 
 class Backend:
@@ -87,12 +98,6 @@ class Backend:
         breaker = self.breaker
         return breaker.state(now) if breaker is not None else CircuitState.CLOSED
 
-    def pool_for_mirror(self, now: float, rng: Callable[[], float]) -> UpstreamPool:
-        """A pool for a shadow copy: balanced like a try, but outside breaker and outlier
-        accounting (a shadow's failures are the mirror's statistics, not the split's)."""
-        i = self.endpoints.pick(now, rng)
-        return self.pools[0 if i is None else i]
-
     def pick(self, now: float, rng: Callable[[], float], avoid: int | None = None) -> int | None:
         """The endpoint for the next try (avoiding `avoid` while another is usable), or None."""
         return self.endpoints.pick(now, rng, avoid)
@@ -108,9 +113,7 @@ class Backend:
         loop = asyncio.get_running_loop()
         breaker = self.breaker
         if breaker is not None and not breaker.try_acquire(loop.time()):
-            refused = UpstreamFailure(Outcome.CONNECT_ERROR, f"circuit of {self.name} is not letting tries through")
-            refused.backend = self.name
-            raise refused
+            raise CircuitRefused(self.name)
         endpoints = self.endpoints
         endpoints.on_start(i)
         try:

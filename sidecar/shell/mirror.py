@@ -9,8 +9,9 @@ What this module owns (SPEC 2 `mirror`, 3.3, 3.5, 5, 6; the README for users):
 - The mirror tasks, started by `MirrorTicket.send` once the primary answer is known (the
   primary request was forwarded first, SPEC 3.5), one per shadow, each with its own
   deadline (`mirror.timeout`). At a shadow's `max_inflight` a mirror is dropped and counted,
-  never queued. Tasks live in one set that is bounded by the sum of the caps, are discarded
-  when done, and are cancelled and awaited by `drain`.
+  never queued; while the shadow backend is not available it is skipped and counted. Tasks
+  live in one set that is bounded by the sum of the caps, are discarded when done, and are
+  cancelled and awaited by `drain`.
 - Comparison, in the mirror task once both answers are whole: `compare.path`
   (core/jsonpath) on both, `compare_values` (core/compare), then the rolling
   `AgreementWindow` and the bounded `DisagreementLog` of that (route, shadow). Values kept
@@ -34,7 +35,14 @@ answer; not in the ratio), sent (the shadow answered, no `compare` configured),
 primary_unreadable (`compare` set but the primary answer was not read whole: streamed, too
 big, or the primary failed), shadow_error (connect error, reset, protocol error, 5xx, or an
 answer too big to compare), shadow_timeout, dropped (at `max_inflight`, or draining),
-cancelled (cut by the drain), skipped_method, skipped_body, internal_error (a bug; logged).
+cancelled (cut by the drain), skipped_method, skipped_body, skipped_unavailable (the shadow
+backend is not available: its circuit is open, every endpoint is unhealthy or ejected, or its
+own `max_inflight` is reached), internal_error (a bug; logged).
+
+A shadow copy is a try on its backend (`Backend.try_`): it counts for that backend's circuit
+breaker and outlier detection, as every try does (SPEC 8). So a shadow that hangs or fails,
+given a `circuit_breaker` or `health_check`, is soon skipped (`skipped_unavailable`) and costs
+no connections at all, instead of holding `max_inflight` of them until each times out.
 
 Imports: stdlib, orjson, aiohttp (types only), sidecar.config, sidecar.core, sidecar.shell.
 """
@@ -54,13 +62,13 @@ from sidecar.core.compare import AgreementWindow, Disagreement, DisagreementLog,
 from sidecar.core.jsonpath import JsonPath, redact_all
 from sidecar.core.outcome import Outcome, classify_status
 from sidecar.core.split import key_hash
+from sidecar.shell.backend import Backend, CircuitRefused
 from sidecar.shell.metrics import Cell, Metrics
-from sidecar.shell.upstream import Answer, UpstreamFailure, UpstreamPool
+from sidecar.shell.upstream import Answer, UpstreamFailure
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from sidecar.shell.backend import Backend
     from sidecar.shell.runtime import Runtime
 
 log = logging.getLogger("sidecar.mirror")
@@ -83,9 +91,10 @@ DROPPED: Final = "dropped"
 CANCELLED: Final = "cancelled"
 SKIPPED_METHOD: Final = "skipped_method"
 SKIPPED_BODY: Final = "skipped_body"
+SKIPPED_UNAVAILABLE: Final = "skipped_unavailable"
 INTERNAL_ERROR: Final = "internal_error"
 OUTCOMES: Final = (AGREE, DISAGREE, MISSING, SENT, PRIMARY_UNREADABLE, SHADOW_ERROR, SHADOW_TIMEOUT,
-                   DROPPED, CANCELLED, SKIPPED_METHOD, SKIPPED_BODY, INTERNAL_ERROR)
+                   DROPPED, CANCELLED, SKIPPED_METHOD, SKIPPED_BODY, SKIPPED_UNAVAILABLE, INTERNAL_ERROR)
 _VERDICT_OUTCOME: Final = {Verdict.AGREE: AGREE, Verdict.DISAGREE: DISAGREE, Verdict.MISSING: MISSING}
 
 
@@ -236,10 +245,16 @@ class Mirrors:
 
     def _send(self, ticket: MirrorTicket, primary_body: bytes | None) -> None:
         shadow_headers: list[tuple[str, str]] | None = None
+        now = asyncio.get_running_loop().time()
         for m, stats in ticket.targets:
             if self._closed or stats.inflight >= m.max_inflight:
                 stats.count(DROPPED)
                 self._log_drop(m, stats)
+                continue
+            backend = ticket.backends[m.backend]
+            endpoint = backend.pick(now, self._rng) if backend.available(now) else None
+            if endpoint is None:
+                stats.count(SKIPPED_UNAVAILABLE)
                 continue
             if shadow_headers is None:
                 shadow_headers = [*ticket.headers, SHADOW_HEADER]
@@ -247,8 +262,7 @@ class Mirrors:
             stats.sent += 1
             # only a comparing mirror holds on to the primary's answer (until its shadow answers)
             kept = primary_body if m.compare_path is not None else None
-            pool = ticket.backends[m.backend].pool_for_mirror(asyncio.get_running_loop().time(), self._rng)
-            self._spawn(self._run(m, stats, pool, ticket, shadow_headers, kept))
+            self._spawn(self._run(m, stats, backend, endpoint, ticket, shadow_headers, kept))
 
     def _log_drop(self, m: MirrorPlan, stats: MirrorStats) -> None:
         now = time.monotonic()
@@ -265,11 +279,11 @@ class Mirrors:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, m: MirrorPlan, stats: MirrorStats, pool: UpstreamPool, ticket: MirrorTicket,
+    async def _run(self, m: MirrorPlan, stats: MirrorStats, backend: Backend, endpoint: int, ticket: MirrorTicket,
                    headers: list[tuple[str, str]], primary_body: bytes | None) -> None:
         outcome = INTERNAL_ERROR
         try:
-            outcome = await self._mirror_once(m, stats, pool, ticket, headers, primary_body)
+            outcome = await self._mirror_once(m, stats, backend, endpoint, ticket, headers, primary_body)
         except asyncio.CancelledError:
             outcome = CANCELLED
             raise
@@ -279,15 +293,15 @@ class Mirrors:
             stats.inflight -= 1
             stats.count(outcome)
 
-    async def _mirror_once(self, m: MirrorPlan, stats: MirrorStats, pool: UpstreamPool, ticket: MirrorTicket,
-                           headers: list[tuple[str, str]], primary_body: bytes | None) -> str:
+    async def _mirror_once(self, m: MirrorPlan, stats: MirrorStats, backend: Backend, endpoint: int,
+                           ticket: MirrorTicket, headers: list[tuple[str, str]], primary_body: bytes | None) -> str:
         compare = m.compare_path is not None
         deadline = asyncio.get_running_loop().time() + m.timeout_s
         answer: Answer | None = None
         try:
             # one deadline for the whole mirror: the try enforces it up to a whole buffered
             # answer; a streamed answer's chunks are read under the same deadline
-            answer = await pool.attempt(ticket.method, ticket.raw_path, headers, ticket.body, deadline,
+            answer = await backend.try_(endpoint, ticket.method, ticket.raw_path, headers, ticket.body, deadline,
                                         deadline, buffer_limit=ticket.read_limit if compare else None)
             if classify_status(answer.status) is Outcome.SERVER_ERROR:
                 return SHADOW_ERROR
@@ -295,6 +309,8 @@ class Mirrors:
             if shadow_body is None:
                 async with asyncio.timeout_at(deadline):
                     shadow_body = await _read_stream(answer, ticket.read_limit if compare else None, m.timeout_s)
+        except CircuitRefused:
+            return SKIPPED_UNAVAILABLE  # the half-open probe slots were taken since _send
         except UpstreamFailure as f:
             return SHADOW_TIMEOUT if f.timed_out else SHADOW_ERROR
         except TimeoutError:

@@ -12,6 +12,7 @@ import aiohttp
 import orjson
 import pytest
 import yaml
+from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -21,6 +22,7 @@ from sidecar.shell.mirror import MirrorStats, key_share_below
 from sidecar.shell.server import Sidecar
 from tests import upstreams as u
 from tests.conftest import MakeSidecar, sidecar_config
+from tests.harness import until
 
 PATH = "/v1/models/fraud"
 
@@ -140,6 +142,66 @@ async def test_failing_shadow_is_counted_and_invisible(upstreams, make_sidecar: 
     outcomes = stats(sc)["outcomes"]
     assert outcomes["shadow_error"] == 3, outcomes
     assert stats(sc)["agreement"] is None
+
+
+async def test_hanging_shadow_with_a_breaker_is_skipped_until_it_recovers(upstreams, make_sidecar: MakeSidecar,
+                                                                         client):
+    """A shadow copy is a try on its backend: timeouts open the shadow's circuit, later requests are
+    not mirrored (skipped_unavailable) and hold no connection; after open_for a probe goes through
+    and, the shadow well again, mirroring resumes."""
+    release = asyncio.Event()
+    primary = await upstreams.start(u.answer(json={"predictions": [1]}))
+    shadow = await upstreams.start(u.hang(release))
+    cfg = mirrored(primary.url, shadow.url, {"timeout": "100ms"})
+    cfg["backends"]["shadow"]["circuit_breaker"] = {"consecutive_failures": 3, "open_for": "600ms",
+                                                    "half_open_probes": 1}
+    sc = await make_sidecar(cfg)
+    for _ in range(3):  # one at a time: each mirror times out before the next request
+        assert (await post(client, sc.proxy_url + PATH))[0] == 200
+        await settle(sc)
+    assert stats(sc)["outcomes"]["shadow_timeout"] == 3
+    assert sc.proxy.runtime.backends["shadow"].circuit_state(asyncio.get_running_loop().time()) == "open"
+    for _ in range(20):
+        status, body, _ = await post(client, sc.proxy_url + PATH)
+        assert status == 200 and orjson.loads(body) == {"predictions": [1]}
+    assert sc.mirrors.inflight == 0 and shadow.hits == 3
+    assert stats(sc)["outcomes"]["skipped_unavailable"] == 20
+    release.set()  # the shadow recovers; after open_for one probe closes the circuit
+    await asyncio.sleep(0.7)
+    for _ in range(3):
+        assert (await post(client, sc.proxy_url + PATH))[0] == 200
+        await settle(sc)
+    assert stats(sc)["outcomes"]["sent"] == 3 and shadow.hits == 6
+    async with client.get(sc.admin_url + "/metrics") as r:
+        text = await r.text()
+    assert 'sidecar_mirror_requests_total{backend="shadow",outcome="skipped_unavailable",route="fraud"} 20.0' in text
+
+
+async def test_shadow_failing_health_checks_is_not_mirrored(upstreams, make_sidecar: MakeSidecar, client):
+    """A shadow its active health checks find down gets no copies; the skips are counted."""
+    health = {"status": 200}
+
+    async def behave(request: web.BaseRequest, up: u.Upstream) -> web.StreamResponse:
+        if request.path.endswith("/health"):
+            return web.Response(status=health["status"])
+        return web.json_response({"predictions": [2]})
+
+    primary = await upstreams.start(u.answer(json={"predictions": [1]}))
+    shadow = await upstreams.start(behave)
+    cfg = mirrored(primary.url, shadow.url)
+    cfg["backends"]["shadow"]["health_check"] = {"path": "/health", "interval": "30ms", "timeout": "200ms",
+                                                 "unhealthy_after": 1, "healthy_after": 1}
+    sc = await make_sidecar(cfg)
+    assert (await post(client, sc.proxy_url + PATH))[0] == 200
+    await settle(sc)
+    assert stats(sc)["outcomes"]["sent"] == 1
+    health["status"] = 503
+    backend = sc.proxy.runtime.backends["shadow"]
+    await until(lambda: not backend.endpoints.available(asyncio.get_running_loop().time()), what="shadow down")
+    for _ in range(5):
+        assert (await post(client, sc.proxy_url + PATH))[0] == 200
+    await settle(sc)
+    assert stats(sc)["outcomes"]["skipped_unavailable"] == 5 and stats(sc)["outcomes"]["sent"] == 1
 
 
 async def test_agreement_ratio_near_known_share(upstreams, make_sidecar: MakeSidecar, client):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from sidecar.shell.runtime import Runtime
 from sidecar.shell.server import Sidecar
 from tests import upstreams as u
 from tests.conftest import MakeSidecar, sidecar_config
+from tests.harness import until
 
 PREDICT = "/v1/models/fraud:predict"
 
@@ -90,15 +90,6 @@ async def wait_rows(client: aiohttp.ClientSession, sc: Sidecar, want: set[tuple[
             if all(k in rows and rows[k]["status"] == "ok" for k in want):
                 return rows
             await asyncio.sleep(0.05)
-
-
-async def eventually(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    """Wait for a condition a worker thread makes true (threads cannot set asyncio Events)."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            if cond():
-                return
-            await asyncio.sleep(0.02)
 
 
 async def metrics_text(client: aiohttp.ClientSession, sc: Sidecar) -> str:
@@ -347,7 +338,7 @@ async def test_sample_log_and_reference_command(models, make_sidecar: MakeSideca
     await mon.tick(asyncio.get_running_loop())
     sample_log = mon.sample_log("fraud")
     assert sample_log is not None
-    await eventually(lambda: sample_log.written >= 20)
+    await until(lambda: sample_log.written >= 20)
     lines = [orjson.loads(line) for line in log_path.read_bytes().splitlines()]
     assert len(lines) == 20
     first = lines[0]
@@ -390,7 +381,7 @@ async def test_unwritable_sample_log_is_counted_and_proxy_serves(upstreams, make
     await mon.tick(asyncio.get_running_loop())
     sample_log = mon.sample_log("r")
     assert sample_log is not None
-    await eventually(lambda: sample_log.dropped_total >= 10)
+    await until(lambda: sample_log.dropped_total >= 10)
     text = await metrics_text(client, sc)
     assert (sample_value(text, "sidecar_sample_log_errors_total", route="r") or 0) >= 1
     assert sample_value(text, "sidecar_sample_log_dropped_total", route="r") == 10.0

@@ -9,7 +9,6 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import yaml
 from sidecar.shell.reload import Result
 from tests import upstreams as u
 from tests.conftest import MakeSidecar, sidecar_config
+from tests.harness import until
 
 PREDICT = "/v1/models/fraud"
 
@@ -74,17 +74,6 @@ async def admin(client: aiohttp.ClientSession, method: str, url: str, body: Any 
     headers = {"authorization": f"Bearer {token}"} if token else {}
     async with client.request(method, url, json=body, headers=headers) as r:
         return r.status, await r.json()
-
-
-async def until(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    """Wait for a condition the code under test reaches by itself (bounded).
-
-    Only for states with no event to wait on: traffic counts, and retired pools, which the
-    watcher closes on its own tick.
-    """
-    async with asyncio.timeout(timeout_s):
-        while not cond():  # noqa: ASYNC110 - no event exists for these; bounded by the timeout
-            await asyncio.sleep(0.01)
 
 
 async def test_traffic_never_fails_during_reloads_weights_and_symlink_swap(

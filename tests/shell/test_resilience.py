@@ -15,6 +15,7 @@ from multidict import CIMultiDict
 
 from tests import upstreams as u
 from tests.conftest import MakeSidecar
+from tests.harness import until
 
 PATH = "/v1/models/m:predict"
 
@@ -35,18 +36,6 @@ async def metric(client: aiohttp.ClientSession, sc: Any, name: str, **labels: st
         if all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
-
-
-async def until(cond: Any, timeout_s: float = 5.0, what: str = "condition") -> None:
-    """Poll an async or plain condition (state that has no event to wait on), bounded."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            got = cond()
-            if asyncio.iscoroutine(got):
-                got = await got
-            if got:
-                return
-            await asyncio.sleep(0.01)
 
 
 async def post(client: aiohttp.ClientSession, sc: Any, **kw: Any) -> tuple[int, CIMultiDict[str], bytes]:
