@@ -233,6 +233,8 @@ class Mirrors:
                 stats.count(SKIPPED_METHOD)
             elif m.max_body_bytes is not None and len(body) > m.max_body_bytes:
                 stats.count(SKIPPED_BODY)
+            elif not rt.backends[m.backend].available(asyncio.get_running_loop().time()):
+                stats.count(SKIPPED_UNAVAILABLE)  # decided now: no ticket, no whole primary answer
             elif targets is None:
                 targets = [(m, stats)]
             else:
@@ -253,7 +255,7 @@ class Mirrors:
                 continue
             backend = ticket.backends[m.backend]
             endpoint = backend.pick(now, self._rng) if backend.available(now) else None
-            if endpoint is None:
+            if endpoint is None:  # became unavailable while the primary was answering
                 stats.count(SKIPPED_UNAVAILABLE)
                 continue
             if shadow_headers is None:

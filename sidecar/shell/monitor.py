@@ -35,6 +35,7 @@ Imports: stdlib, numpy, orjson, sidecar.config, sidecar.core, sidecar.shell.metr
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import random
 import time
@@ -155,12 +156,17 @@ def load_reference_file(path: Path, features: tuple[FeaturePlan, ...]) -> dict[s
 
 
 def _warm_up_scipy() -> None:
-    """Import scipy.stats and run each test once, so the first real pass is not late."""
+    """Import scipy.stats and run each test once, so the first real pass is not late.
+
+    In a process that froze its start-up heap (`sidecar run`, cli.freeze_heap), scipy's
+    modules are frozen too, so full collections do not walk them from now on."""
     from sidecar.core.drift import DriftPolicy
 
     policy = DriftPolicy(min_samples=1)
     judge("warmup", [0.0, 1.0, 2.0], [0.5, 1.5, 2.5], False, policy)
     judge("warmup", ["a", "b"], ["a", "a"], True, policy)
+    if gc.get_freeze_count():
+        gc.freeze()
 
 
 class Monitor:
