@@ -29,11 +29,11 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import IO
 
 import aiohttp
 from aiohttp import web
@@ -91,57 +91,64 @@ async def wait_port(port: int, timeout_s: float) -> None:
     raise SystemExit(f"instructions.py: the sidecar did not open port {port} within {timeout_s:.0f}s")
 
 
-def callgrind_control(*args: str) -> None:
-    subprocess.run(["callgrind_control", *args], check=True, capture_output=True, timeout=120)
+async def callgrind_control(*args: str) -> None:
+    proc = await asyncio.create_subprocess_exec("callgrind_control", *args, stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.DEVNULL)
+    if await asyncio.wait_for(proc.wait(), 120):
+        raise SystemExit(f"instructions.py: callgrind_control {' '.join(args)} failed")
 
 
-async def measure(config: Path, args: argparse.Namespace, work: Path) -> float:
+def render(config: Path, work: Path) -> tuple[Path, dict[str, int]]:
     ports = {"PORT": free_port(), "ADMIN_PORT": free_port(), "STABLE_PORT": free_port(), "CANARY_PORT": free_port()}
-    text = re.sub(r"@([A-Z_]+)@", lambda m: str(ports[m.group(1)]), config.read_text())
+    text = re.sub(r"@([A-Z_]+)@", lambda m: str(ports.get(m.group(1), m.group(0))), config.read_text())
     rendered = work / config.name
     rendered.write_text(text)
+    return rendered, ports
+
+
+def callgrind_total(prefix: str) -> int:
+    """The instruction count (Ir) of the dumps callgrind wrote for one process."""
+    total = 0
+    for dump in glob.glob(prefix + "*"):
+        with open(dump) as f:
+            for line in f:
+                if line.startswith(("summary:", "totals:")):
+                    total = max(total, int(line.split()[1]))
+    if not total:
+        raise SystemExit(f"instructions.py: no callgrind totals in {prefix}*")
+    return total
+
+
+async def measure(rendered: Path, ports: dict[str, int], args: argparse.Namespace, out: str, log: IO[bytes]) -> int:
+    """Run the sidecar under callgrind, count `args.requests` requests; returns its pid."""
     stable = await start_upstream(ports["STABLE_PORT"])
     canary = await start_upstream(ports["CANARY_PORT"])
-    out = work / f"{config.stem}.callgrind"
     sidecar = shutil.which("sidecar") or sys.exit("instructions.py: no `sidecar` on PATH")
-    proc = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}.%p",
-         sys.executable, sidecar, "run", "-c", str(rendered)],
-        stdout=subprocess.DEVNULL, stderr=open(work / f"{config.stem}.log", "w"))
+    proc = await asyncio.create_subprocess_exec(
+        "valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}.%p",
+        sys.executable, sidecar, "run", "-c", str(rendered), stdout=asyncio.subprocess.DEVNULL, stderr=log)
     try:
         await wait_port(ports["PORT"], 300)
         url = f"http://127.0.0.1:{ports['PORT']}/v1/models/fraud:predict"
         await drive(url, args.warmup, args.connections)
-        callgrind_control("--zero", str(proc.pid))
-        callgrind_control("--instr=on", str(proc.pid))
-        t0 = time.monotonic()
+        await callgrind_control("--zero", str(proc.pid))
+        await callgrind_control("--instr=on", str(proc.pid))
         await drive(url, args.requests, args.connections)
-        elapsed = time.monotonic() - t0
-        callgrind_control("--instr=off", str(proc.pid))
-        callgrind_control("--dump", str(proc.pid))
+        await callgrind_control("--instr=off", str(proc.pid))
+        await callgrind_control("--dump", str(proc.pid))
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
+            await asyncio.wait_for(proc.wait(), 120)
+        except TimeoutError:
             proc.kill()
+            await proc.wait()
         await stable.cleanup()
         await canary.cleanup()
-    total = 0
-    for dump in glob.glob(f"{out}.{proc.pid}*"):
-        with open(dump) as f:
-            for line in f:
-                if line.startswith("summary:") or line.startswith("totals:"):
-                    total = max(total, int(line.split()[1]))
-    if not total:
-        raise SystemExit(f"instructions.py: no callgrind totals in {out}.{proc.pid}*")
-    per_request = total / args.requests
-    print(f"{config.name:32s} {per_request:12,.0f} instructions/request  "
-          f"({args.requests} requests, {elapsed:.1f} s under callgrind)", flush=True)
-    return per_request
+    return proc.pid
 
 
-async def main() -> None:
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("configs", nargs="+", type=Path, help="sidecar configs with the bench's @VAR@ placeholders")
     ap.add_argument("--requests", type=int, default=3000, help="requests counted per config (default 3000)")
@@ -150,12 +157,19 @@ async def main() -> None:
     args = ap.parse_args()
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         raise SystemExit("instructions.py: needs valgrind (Debian package valgrind)")
+    results = []
     with tempfile.TemporaryDirectory(prefix="sidecar-instr-") as tmp:
-        results = [await measure(c, args, Path(tmp)) for c in args.configs]
-    base = results[0]
+        for config in args.configs:
+            rendered, ports = render(config, Path(tmp))
+            out = f"{tmp}/{config.stem}.callgrind"
+            with open(f"{tmp}/{config.stem}.log", "wb") as log:
+                pid = asyncio.run(measure(rendered, ports, args, out, log))
+            per_request = callgrind_total(f"{out}.{pid}") / args.requests
+            print(f"{config.name:32s} {per_request:12,.0f} instructions/request ({args.requests} requests)", flush=True)
+            results.append(per_request)
     for config, r in zip(args.configs, results, strict=True):
-        print(f"{config.name:32s} {r / base:6.3f}x the first config's instructions per request")
+        print(f"{config.name:32s} {r / results[0]:6.3f}x the first config's instructions per request")
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

@@ -12,8 +12,12 @@ Owns, per process (one `Monitor`, carried from Runtime to Runtime across reloads
   pending samples with orjson, extracts features with compiled JSON paths into
   `core.window.FeatureWindow`s, counts missing/wrong-typed samples and hands redacted
   records to the sample logs (shell/samplelog.py); and, every route's `drift.every`, runs
-  `core.drift.judge` over all (backend, feature). scipy is imported and warmed up in that
-  thread before the first drift pass (never in a process that judges no drift).
+  `core.drift.judge` over all (backend, feature). scipy is imported and warmed up at start,
+  before the sidecar is ready (`prepare`), in a process whose config judges drift, and
+  never in one that judges none. Importing it holds the GIL for long stretches (C
+  extensions initialising: the event loop stalled up to ~270 ms when it happened under
+  load), so it must not happen while serving; a reload that adds the first drift judgement
+  imports it in the worker then, a one-time stall, logged.
 - publishing: the loop awaits each worker pass and stores its results (drift rows, counts)
   as plain snapshots; metrics callbacks and admin JSON read only those snapshots.
 
@@ -298,6 +302,12 @@ class Monitor:
 
     # -- the background task (loop) -----------------------------------------------------------
 
+    async def prepare(self) -> None:
+        """Before serving: import and warm up scipy when the config judges drift (see above)."""
+        if not self._scipy_ready and any(m.reference_kind is not None for m in self._monitored.values()):
+            await asyncio.get_running_loop().run_in_executor(self._executor, _warm_up_scipy)
+            self._scipy_ready = True
+
     async def run(self) -> None:
         """Ingest every TICK_S and judge drift when due, in the worker; forever (TaskGroup)."""
         loop = asyncio.get_running_loop()
@@ -328,8 +338,8 @@ class Monitor:
         for name in due:
             self._next_drift[name] = now + self._monitored[name].every_s
         if not self._scipy_ready:
-            # scipy (~60 MB) only in processes that judge drift, imported in the worker once,
-            # before the first pass, so that pass is not late by the import
+            # a reload added the first drift judgement: scipy now, while serving (prepare did not)
+            log.warning("importing scipy for the first drift pass; the event loop may stall for a moment")
             await loop.run_in_executor(self._executor, _warm_up_scipy)
             self._scipy_ready = True
         rows, elapsed = await loop.run_in_executor(self._executor, self._w_drift, due)

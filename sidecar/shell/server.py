@@ -129,6 +129,7 @@ class Sidecar:
         code = 0
         try:
             await self._restore_state()
+            await self.proxy.runtime.monitor.prepare()  # scipy, if drift is judged: before serving
             proxy_sock = bind(*plan.listen)
             admin_sock = bind(*plan.admin_listen)
             self.proxy_port = proxy_sock.getsockname()[1]
