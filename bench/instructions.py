@@ -9,9 +9,9 @@ the machine does. This script prices one config against another by that count:
         bench/configs/sidecar-resilience.yaml --requests 3000
 
 For each config: a fixed-answer upstream (two ports, "stable" and "canary", in this process)
-is started, the config's `@PORT@`, `@ADMIN_PORT@`, `@STABLE_PORT@`, `@CANARY_PORT@`
-placeholders are filled in, and `sidecar run` starts under callgrind with instrumentation
-off. After a warm-up the counters are zeroed and instrumentation switched on, `--requests`
+is started, the config's `@PORT@`, `@ADMIN_PORT@`, `@STABLE_PORT@`, `@CANARY_PORT@` and
+`@RUN_DIR@` placeholders are filled in, and `sidecar run` starts under callgrind with
+instrumentation off. After a warm-up the counters are zeroed and instrumentation switched on, `--requests`
 POSTs of the bench's payload are sent over `--connections` keep-alive connections, then the
 counters are dumped. Printed: instructions per request, and each config against the first.
 
@@ -50,7 +50,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def start_upstream(port: int) -> web.AppRunner:
+async def start_upstream(port: int) -> web.ServerRunner:
     async def handle(request: web.BaseRequest) -> web.Response:
         await request.read()
         return web.Response(body=ANSWER, content_type="application/json")
@@ -100,7 +100,8 @@ async def callgrind_control(*args: str) -> None:
 
 def render(config: Path, work: Path) -> tuple[Path, dict[str, int]]:
     ports = {"PORT": free_port(), "ADMIN_PORT": free_port(), "STABLE_PORT": free_port(), "CANARY_PORT": free_port()}
-    text = re.sub(r"@([A-Z_]+)@", lambda m: str(ports.get(m.group(1), m.group(0))), config.read_text())
+    names: dict[str, object] = {**ports, "RUN_DIR": work}
+    text = re.sub(r"@([A-Z_]+)@", lambda m: str(names.get(m.group(1), m.group(0))), config.read_text())
     rendered = work / config.name
     rendered.write_text(text)
     return rendered, ports
