@@ -304,7 +304,11 @@ class Monitor:
 
     async def prepare(self) -> None:
         """Before serving: import and warm up scipy when the config judges drift (see above)."""
-        if not self._scipy_ready and any(m.reference_kind is not None for m in self._monitored.values()):
+        if any(m.reference_kind is not None for m in self._monitored.values()):
+            await self._load_scipy()
+
+    async def _load_scipy(self) -> None:
+        if not self._scipy_ready:
             await asyncio.get_running_loop().run_in_executor(self._executor, _warm_up_scipy)
             self._scipy_ready = True
 
@@ -340,8 +344,7 @@ class Monitor:
         if not self._scipy_ready:
             # a reload added the first drift judgement: scipy now, while serving (prepare did not)
             log.warning("importing scipy for the first drift pass; the event loop may stall for a moment")
-            await loop.run_in_executor(self._executor, _warm_up_scipy)
-            self._scipy_ready = True
+            await self._load_scipy()
         rows, elapsed = await loop.run_in_executor(self._executor, self._w_drift, due)
         self.last_drift_s = elapsed
         wall = time.time()

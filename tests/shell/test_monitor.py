@@ -435,3 +435,37 @@ def test_drift_pass_20x2000_is_fast_and_off_the_loop():
     print(f"\n20x2000 drift pass: {elapsed * 1000:.1f} ms; worst loop stall {worst_stall * 1000:.2f} ms")
     assert elapsed < 1.0  # the target is 100 ms; generous here because CI machines are shared
     assert worst_stall < 0.1
+
+
+_SCIPY_AT_READY = """
+import asyncio, json, sys
+from tests.harness import SidecarFactory
+
+async def main():
+    factory = SidecarFactory()
+    try:
+        await factory.make(json.loads(sys.argv[1]))  # returns once the sidecar is ready
+        print("scipy.stats" in sys.modules, flush=True)
+    finally:
+        await factory.aclose()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("reference", [{"backend": "stable"}, None])
+def test_scipy_is_loaded_before_ready_only_when_drift_is_judged(reference: dict[str, str] | None):
+    """Its import holds the GIL for long: done before the sidecar serves, and only where needed."""
+    import json
+    import subprocess
+    import sys
+
+    route_monitor = monitor(reference=reference) if reference else monitor()
+    if reference is None:
+        del route_monitor["reference"], route_monitor["drift"]
+    config = {"backends": {"stable": {"url": "http://127.0.0.1:9"}, "canary": {"url": "http://127.0.0.1:9"}},
+              "routes": [{"name": "m", "match": {"path_prefix": "/"}, "split": {"stable": 9, "canary": 1},
+                          "monitor": route_monitor}]}
+    out = subprocess.run([sys.executable, "-c", _SCIPY_AT_READY, json.dumps(config)], capture_output=True,
+                         text=True, timeout=60, cwd=Path(__file__).resolve().parents[2], check=True)
+    assert out.stdout.strip() == str(reference is not None), out.stderr[-2000:]
