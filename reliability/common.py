@@ -14,6 +14,8 @@ import asyncio
 import json
 import os
 import re
+import signal
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -86,6 +88,18 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
+
+
+def stop_process_groups(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each process group still running, then SIGKILL any that is not gone in 10 s."""
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
 
 
 def open_fds(pid: int) -> int:

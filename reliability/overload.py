@@ -2,7 +2,7 @@
 """Overload, the long run: the sidecar at its measured capacity and at twice it sheds with
 503 `overloaded` instead of queueing, keeps admitted latency bounded, and recovers.
 
-Uses the shared bench harness's pieces like bench/rss_soak.py: its nginx fake model
+Uses the shared bench harness's pieces like reliability/rss_soak.py: its nginx fake model
 (configs/upstream-nginx.conf) and wrk pinned to CPU 0, `sidecar run` alone on CPU 1.
 
     python -m reliability.overload --bench /work/shared/bench
@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,7 +38,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from reliability.common import metric
+from reliability.common import metric, rss_mib, stop_process_groups
 
 PORTS = {"@STABLE_PORT@": "18681", "@CANARY_PORT@": "18682", "@PORT@": "18680", "@ADMIN_PORT@": "18780"}
 URL = "http://127.0.0.1:18680/v1/models/fraud:predict"
@@ -152,21 +150,13 @@ def main() -> int:
             r = phase(name, capacity * factor, args.connections, args.seconds, run / "wrk_admitted.lua", body)
             results.append(r)
             print(json.dumps(r), flush=True)
-        rss = [line for line in Path(f"/proc/{sc.pid}/status").read_text().splitlines() if line.startswith("VmRSS")]
         summary = {"max_inflight": args.max_inflight, "connections": args.connections,
-                   "capacity_req_per_s": round(capacity), "rss": rss[0].split(None, 1)[1] if rss else None,
+                   "capacity_req_per_s": round(capacity), "rss_mib": round(rss_mib(sc.pid), 1),
                    "passed": all(r["other_errors"] == 0 for r in results) and results[-1]["shed_503"] == 0}
         print(json.dumps(summary), flush=True)
         return 0 if summary["passed"] else 1
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop_process_groups(procs)
         shutil.rmtree(run, ignore_errors=True)
 
 

@@ -5,29 +5,23 @@ Uses the shared bench harness's pieces (its upstream nginx config, wrk and wrk_p
 all on 127.0.0.1. Prints one line per sample (elapsed s, requests so far, RSS MiB) and a
 summary: RSS after `--requests` requests, and the growth between minute 2 and minute 4.
 
-    python3 bench/rss_soak.py --bench /work/shared/bench --minutes 4 --connections 64
+    python -m reliability.rss_soak --bench /work/shared/bench --minutes 4 --connections 64
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+from reliability.common import rss_mib, stop_process_groups
 
 
 def requests_total(admin: int) -> float:
@@ -84,7 +78,8 @@ def main() -> int:
             if at_target is None and n >= args.requests:
                 at_target = (n, rss)
         out = wrk.stdout.read().decode() if wrk.stdout else ""
-        summary = next((json.loads(line[9:]) for line in out.splitlines() if line.startswith("WRK_JSON")), {})
+        summary: dict[str, Any] = next(
+            (json.loads(line[9:]) for line in out.splitlines() if line.startswith("WRK_JSON")), {})
         m2 = min(samples, key=lambda s: abs(s[0] - 120))
         m4 = min(samples, key=lambda s: abs(s[0] - 240))
         print(json.dumps({"requests": samples[-1][1], "errors": summary.get("errors"),
@@ -92,14 +87,7 @@ def main() -> int:
                           "growth_min2_to_min4_pct": round((m4[2] - m2[2]) / m2[2] * 100, 2)}))
         return 0
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop_process_groups(procs)
         shutil.rmtree(run, ignore_errors=True)
 
 
