@@ -10,7 +10,7 @@ import pytest
 from sidecar.cli import main
 from tests import upstreams as u
 from tests.conftest import MakeSidecar
-from tests.shell.test_reload import fraud, write_config
+from tests.shell.test_reload import TWO_ERRORS, fraud, two_mistakes, write_config
 
 TOKEN = "cli-token"
 
@@ -64,6 +64,18 @@ async def test_reload_ok_unchanged_and_rejected(upstreams, make_sidecar: MakeSid
     assert await run_cli("reload", "--admin", sc.admin_url) == 1
     err = capfd.readouterr().err
     assert "config rejected" in err and "routes" in err
+
+
+async def test_rejected_reload_prints_every_error(upstreams, make_sidecar: MakeSidecar, capfd, tmp_path):
+    """`sidecar reload` of a file with two mistakes prints both, each at its place, and exits 1."""
+    up = await upstreams.start()
+    path = tmp_path / "sidecar.yaml"
+    sc = await make_sidecar(fraud(up.url, up.url), path=path, config_poll_s=0)
+    await asyncio.to_thread(write_config, path, two_mistakes(up.url, up.url))
+    assert await run_cli("reload", "--admin", sc.admin_url) == 1
+    assert capfd.readouterr().err.splitlines() == [
+        f"error: the admin API refused: 400: config rejected; still running {sc.proxy.runtime.plan.version}",
+        *(f"  {e}" for e in TWO_ERRORS)]
 
 
 async def test_token_from_flag_and_environment(upstreams, make_sidecar: MakeSidecar, capfd, monkeypatch):

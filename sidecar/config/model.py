@@ -1,19 +1,28 @@
 """Pydantic models of the config file (SPEC 2), with duration and size types.
 
-Every model forbids unknown keys and is frozen. Field checks live on the fields; the one
-root validator (`Config._check_references`) checks what spans sections (a split naming an
-unknown backend, duplicate route names) and reports every problem with its place, raising
+Every model forbids unknown keys and is frozen. Field checks live on the fields; the rules
+that span sections (a split naming an unknown backend, duplicate route names) live in one
+function, `reference_issues`, which reports every problem with its place. The root validator
+(`Config._check_references`) runs it on a config whose fields all passed and raises
 `ReferenceErrors` (not a ValueError, so pydantic lets it through unwrapped and load.py can
-keep the places). Sections are added here only together with the code that makes them work.
+keep the places). When some field failed, pydantic never reaches the root validator, so
+load.py runs the same function on the raw mapping (see its docstring): one run reports both.
+Sections are added here only together with the code that makes them work.
 
-Imports: stdlib, pydantic, sidecar.errors.
+Places (`place_of`) read `routes[0].split`, `backends.stable.timeout`: an index in brackets,
+a key after a dot, bare when it is a plain word and otherwise as YAML would spell it
+(`backends.'my.model'`, `''`, `split.1`, `.true`, `.null`); nothing at all is `(top level)`.
+
+Imports: stdlib, pydantic, sidecar.core.jsonpath, sidecar.errors.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Any, Literal
+import types
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Final, Literal, Union, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -434,64 +443,251 @@ class Config(_Model):
 
     @model_validator(mode="after")
     def _check_references(self) -> Config:
-        issues: list[ConfigIssue] = []
-        known = list(self.backends)
-        known_text = ", ".join(known)
-        seen: dict[str, int] = {}
-        log_paths: dict[str, str] = {}  # sample log path -> place of its first use
-        for name, backend in self.backends.items():
-            if (backend.url is None) == (backend.endpoints is None):
-                issues.append(ConfigIssue(f"backends.{name}", "needs exactly one of `url` or `endpoints`"))
-        for i, route in enumerate(self.routes):
-            place = f"routes[{i}]"
-            if route.name in seen:
-                issues.append(ConfigIssue(f"{place}.name",
-                                          f"duplicate route name {route.name!r} (also routes[{seen[route.name]}])"))
-            seen.setdefault(route.name, i)
-            issues.extend(ConfigIssue(f"{place}.split", f"unknown backend {b!r} (known: {known_text})")
-                          for b in route.split if b not in self.backends)
-            if route.split and sum(route.split.values()) <= 0:
-                issues.append(ConfigIssue(f"{place}.split", "weights must not all be 0"))
-            elif route.split and not math.isfinite(sum(route.split.values())):
-                issues.append(ConfigIssue(f"{place}.split", "weights are too large: their sum must be finite"))
-            # each shadow must be a known backend, mirrored at most once per route
-            issues.extend(ConfigIssue(f"{place}.mirror[{j}].backend",
-                                      f"unknown backend {m.backend!r} (known: {known_text})")
-                          for j, m in enumerate(route.mirror) if m.backend not in self.backends)
-            issues.extend(ConfigIssue(f"{place}.mirror[{j}].backend", f"backend {m.backend!r} is mirrored twice")
-                          for j, m in enumerate(route.mirror) if any(n.backend == m.backend for n in route.mirror[:j]))
-            issues.extend(_monitor_issues(place, route, log_paths))
-            for j, item in enumerate(route.fallback):
-                where = f"{place}.fallback[{j}]"
-                if (item.backend is None) == (item.response is None):
-                    issues.append(ConfigIssue(where, "needs exactly one of `backend` or `response`"))
-                elif item.backend is not None and item.backend not in self.backends:
-                    issues.append(ConfigIssue(f"{where}.backend",
-                                              f"unknown backend {item.backend!r} (known: {known_text})"))
-                elif item.response is not None and j != len(route.fallback) - 1:
-                    issues.append(ConfigIssue(where, "a static `response` always answers: put it last"))
+        issues = reference_issues(self)
         if issues:
             raise ReferenceErrors(issues)
         return self
 
 
-def _monitor_issues(place: str, route: RouteConfig, log_paths: dict[str, str]) -> list[ConfigIssue]:
-    """A reference backend must be in the route's split; sample log paths are unique."""
-    mon = route.monitor
-    if mon is None:
-        return []
+# --- cross-references ---------------------------------------------------------------------
+
+
+class _Unparsed:
+    """The type of UNPARSED."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNPARSED"
+
+
+UNPARSED: Final = _Unparsed()
+"""Stands, in a raw mapping, for a value that failed its own check (load.py puts it there)."""
+
+
+def _get(node: Any, key: str) -> Any:
+    """A field of a validated model, or a key of a raw mapping; None when absent (the default of
+    every field the rules read) or when `node` is neither."""
+    if isinstance(node, BaseModel):
+        return getattr(node, key)
+    if isinstance(node, Mapping):
+        return node.get(key)
+    return None
+
+
+def _is_node(node: Any) -> bool:
+    return isinstance(node, BaseModel | Mapping)
+
+
+def _items(node: Any) -> list[Any]:
+    return node if isinstance(node, list) else []
+
+
+def _names(node: Any) -> list[str]:
+    return [k for k in node if isinstance(k, str)] if isinstance(node, Mapping) else []
+
+
+def _weight(w: Any) -> float | None:
+    if isinstance(w, bool) or not isinstance(w, int | float):
+        return None
+    try:
+        return float(w)
+    except OverflowError:  # an int past float's range (raw mapping only)
+        return math.inf
+
+
+def reference_issues(doc: Config | Mapping[str, Any]) -> list[ConfigIssue]:
+    """Every problem that spans sections, each with its place.
+
+    `doc` is a Config whose fields all passed (the root validator), or the raw mapping with
+    every value that failed its own check replaced by UNPARSED (load.py, when some field
+    failed). So each rule reads a value only when it has the type the model gives it and
+    skips it otherwise: a broken part is reported once, by its own error, never again as a
+    derived one. A name that failed its own check (a backend `'my model'`) is still a known
+    name. NOTE: on a raw mapping a weight written as a string ('5') is not summed, so the
+    "all 0" and "too large" checks skip that split.
+    """
     issues: list[ConfigIssue] = []
-    ref = mon.reference
-    if ref is not None and ref.backend is not None and ref.backend not in route.split:
-        issues.append(ConfigIssue(f"{place}.monitor.reference.backend",
-                                  f"backend {ref.backend!r} is not in the route's split "
-                                  f"(split: {', '.join(route.split)})"))
-    if mon.log is not None:
-        if mon.log.path in log_paths:
-            issues.append(ConfigIssue(f"{place}.monitor.log.path",
-                                      f"sample log {mon.log.path!r} is already used by {log_paths[mon.log.path]}"))
-        log_paths.setdefault(mon.log.path, f"{place}.monitor.log.path")
+    backends = _get(doc, "backends")
+    known = _names(backends)     # empty when `backends` failed: then nothing is checked against it
+    known_text = ", ".join(known)
+
+    def is_unknown(name: Any) -> bool:
+        return bool(known) and isinstance(name, str) and name not in known
+
+    seen: dict[str, int] = {}
+    log_paths: dict[str, str] = {}  # sample log path -> place of its first use
+    for name in known:
+        backend = backends[name]
+        if _is_node(backend) and (_get(backend, "url") is None) == (_get(backend, "endpoints") is None):
+            issues.append(ConfigIssue(place_of(("backends", name)), "needs exactly one of `url` or `endpoints`"))
+    for i, route in enumerate(_items(_get(doc, "routes"))):
+        if not _is_node(route):
+            continue
+        place = f"routes[{i}]"
+        route_name = _get(route, "name")
+        if isinstance(route_name, str):
+            if route_name in seen:
+                issues.append(ConfigIssue(f"{place}.name",
+                                          f"duplicate route name {route_name!r} (also routes[{seen[route_name]}])"))
+            seen.setdefault(route_name, i)
+        split = _get(route, "split")
+        issues.extend(ConfigIssue(f"{place}.split", f"unknown backend {b!r} (known: {known_text})")
+                      for b in _names(split) if is_unknown(b))
+        weights = [_weight(w) for w in split.values()] if isinstance(split, Mapping) else []
+        if weights and None not in weights:
+            total = sum(w for w in weights if w is not None)
+            if total <= 0:
+                issues.append(ConfigIssue(f"{place}.split", "weights must not all be 0"))
+            elif not math.isfinite(total):
+                issues.append(ConfigIssue(f"{place}.split", "weights are too large: their sum must be finite"))
+        # each shadow must be a known backend, mirrored at most once per route
+        shadows = [_get(m, "backend") for m in _items(_get(route, "mirror"))]
+        for j, shadow in enumerate(shadows):
+            if is_unknown(shadow):
+                issues.append(ConfigIssue(f"{place}.mirror[{j}].backend",
+                                          f"unknown backend {shadow!r} (known: {known_text})"))
+            if isinstance(shadow, str) and shadow in shadows[:j]:
+                issues.append(ConfigIssue(f"{place}.mirror[{j}].backend", f"backend {shadow!r} is mirrored twice"))
+        issues.extend(_monitor_issues(place, route, log_paths))
+        fallback = _items(_get(route, "fallback"))
+        for j, item in enumerate(fallback):
+            if not _is_node(item):
+                continue
+            where = f"{place}.fallback[{j}]"
+            backend, response = _get(item, "backend"), _get(item, "response")
+            if (backend is None) == (response is None):
+                issues.append(ConfigIssue(where, "needs exactly one of `backend` or `response`"))
+            elif is_unknown(backend):
+                issues.append(ConfigIssue(f"{where}.backend", f"unknown backend {backend!r} (known: {known_text})"))
+            elif response is not None and j != len(fallback) - 1:
+                issues.append(ConfigIssue(where, "a static `response` always answers: put it last"))
     return issues
+
+
+def _monitor_issues(place: str, route: Any, log_paths: dict[str, str]) -> list[ConfigIssue]:
+    """A reference backend must be in the route's split; sample log paths are unique."""
+    mon = _get(route, "monitor")
+    issues: list[ConfigIssue] = []
+    ref_backend = _get(_get(mon, "reference"), "backend")
+    split = _get(route, "split")
+    if isinstance(ref_backend, str) and isinstance(split, Mapping) and ref_backend not in split:
+        issues.append(ConfigIssue(f"{place}.monitor.reference.backend",
+                                  f"backend {ref_backend!r} is not in the route's split "
+                                  f"(split: {', '.join(_names(split))})"))
+    log_path = _get(_get(mon, "log"), "path")
+    if isinstance(log_path, str):
+        if log_path in log_paths:
+            issues.append(ConfigIssue(f"{place}.monitor.log.path",
+                                      f"sample log {log_path!r} is already used by {log_paths[log_path]}"))
+        log_paths.setdefault(log_path, f"{place}.monitor.log.path")
+    return issues
+
+
+# --- places ------------------------------------------------------------------------------------
+
+_BARE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+# plain words that YAML 1.2 (load.py's loader) reads as booleans or null: quoted when they are strings
+_YAML_WORDS = frozenset({"true", "True", "TRUE", "false", "False", "FALSE", "null", "Null", "NULL"})
+
+
+def key_text(key: object) -> str:
+    """A mapping key as a message quotes it, in YAML's spelling: 'timout', '', 1, true, null."""
+    if isinstance(key, str):
+        return repr(key)
+    if isinstance(key, bool):
+        return "true" if key else "false"
+    if key is None:
+        return "null"
+    if isinstance(key, int):
+        return str(key)
+    return repr(str(key))  # a float or a date: its text, quoted so that its dots read as part of it
+
+
+def _doc_key(node: Mapping[Any, Any], part: object) -> tuple[bool, Any]:
+    """(found, the mapping's own key) for a loc part: pydantic gives the key `true` as 1 and
+    `null` as 'None'."""
+    if part in node:
+        for key in node:
+            if key == part and type(key) is type(part):
+                return True, key
+        return True, next(key for key in node if key == part)
+    for key in node:
+        if not isinstance(key, str) and str(key) == part:
+            return True, key
+    return False, part
+
+
+def resolve(doc: Any, loc: Sequence[object]) -> tuple[list[tuple[bool, Any]], bool]:
+    """Walk `loc` in `doc`: ([(is_index, the doc's own key or index)], whether it got to the end).
+
+    An int is a list index only where the node is a list (pydantic gives a mapping's key 1
+    as 1 too); past the point where the walk leaves `doc`, an int is taken for an index.
+    """
+    steps: list[tuple[bool, Any]] = []
+    node, inside = doc, True
+    for part in loc:
+        if inside and isinstance(node, Mapping):
+            inside, key = _doc_key(node, part)
+            steps.append((False, key))
+            node = node[key] if inside else None
+        elif inside and isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            steps.append((True, part))
+            node = node[part]
+        else:
+            inside = False
+            steps.append((isinstance(part, int) and not isinstance(part, bool), part))
+    return steps, inside
+
+
+def place_of(loc: Sequence[object], doc: Any = None) -> str:
+    """('routes', 0, 'split') -> 'routes[0].split'; () -> '(top level)'. With `doc`, the
+    mapping that `loc` points into, an int that is a mapping's key reads as a key."""
+    out = ""
+    for is_index, key in resolve(doc, loc)[0]:
+        if is_index:
+            out += f"[{key}]"
+        else:
+            word = key if isinstance(key, str) and _BARE_KEY.match(key) and key not in _YAML_WORDS else key_text(key)
+            out += f".{word}" if out else word
+    return out or "(top level)"
+
+
+def _unwrap(tp: Any) -> Any:
+    """Annotated[X, ...] -> X; X | None -> X (other unions stay as they are)."""
+    while True:
+        if get_origin(tp) is Annotated:
+            tp = get_args(tp)[0]
+        elif get_origin(tp) in (Union, types.UnionType):
+            args = [a for a in get_args(tp) if a is not type(None)]
+            if len(args) != 1:
+                return tp
+            tp = args[0]
+        else:
+            return tp
+
+
+def keys_at(loc: Sequence[object]) -> list[str]:
+    """The keys the model at `loc` takes (as written in YAML: aliases, else field names); []
+    where `loc` leads to no model (a free mapping such as `split`, or nowhere)."""
+    tp: Any = Config
+    for part in loc:
+        tp = _unwrap(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            fields = [f for name, f in tp.model_fields.items() if part in (name, f.alias)]
+            if not fields:
+                return []
+            tp = fields[0].annotation
+        elif get_origin(tp) is list and isinstance(part, int):
+            tp = get_args(tp)[0]
+        elif get_origin(tp) is dict:
+            tp = get_args(tp)[1]
+        else:
+            return []
+    tp = _unwrap(tp)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return [f.alias or name for name, f in tp.model_fields.items()]
+    return []
 
 
 class ReferenceErrors(Exception):

@@ -4,6 +4,7 @@ invalid configs, state that survives, and weight overrides kept in state_dir."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -181,6 +182,34 @@ async def test_invalid_config_rejected_and_old_one_keeps_serving(
     await asyncio.to_thread(write_config, path, fraud(up.url, up.url, weights=(50, 50)))
     status, doc = await admin(client, "POST", sc.admin_url + "/admin/reload")
     assert status == 200 and doc["result"] == "ok" and doc["previous_version"] == version
+
+
+def two_mistakes(stable: str, canary: str) -> dict[str, Any]:
+    """A misspelt key in one backend and an unknown backend in the split."""
+    bad = fraud(stable, canary)
+    bad["backends"]["stable"]["timout"] = "2s"
+    bad["routes"][0]["split"] = {"stable": 90, "canary2": 10}
+    return bad
+
+
+TWO_ERRORS = ["backends.stable: unknown key 'timout' (did you mean 'timeout'?)",
+              "routes[0].split: unknown backend 'canary2' (known: canary, stable)"]
+
+
+async def test_rejected_reload_lists_every_error(upstreams, make_sidecar: MakeSidecar, client, tmp_path, caplog):
+    """A rejected reload answers, shows and logs every error of the file, its cross-references included."""
+    up = await upstreams.start()
+    path = tmp_path / "sidecar.yaml"
+    sc = await make_sidecar(fraud(up.url, up.url), path=path, config_poll_s=0)
+    version = sc.proxy.runtime.plan.version
+    await asyncio.to_thread(write_config, path, two_mistakes(up.url, up.url))
+    with caplog.at_level(logging.ERROR, logger="sidecar.reload"):
+        status, doc = await admin(client, "POST", sc.admin_url + "/admin/reload")
+    assert status == 400 and doc["error"]["errors"] == TWO_ERRORS
+    _, st = await admin(client, "GET", sc.admin_url + "/admin/status")
+    assert st["last_reload"]["errors"] == TWO_ERRORS
+    assert [r.getMessage() for r in caplog.records if r.name == "sidecar.reload"] == [
+        f"config rejected (admin), still running {version}: {'; '.join(TWO_ERRORS)}"]
 
 
 async def test_reload_without_change_is_a_noop(upstreams, make_sidecar: MakeSidecar, client, tmp_path):
