@@ -204,6 +204,8 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
         return admin_error(e.status, "not_found" if e.status == 404 else "method_not_allowed"
                            if e.status == 405 else "bad_request", e.reason)
+    except ConnectionError:   # the client went away: aiohttp drops it quietly
+        raise
     except Exception:   # a bug: logged with its traceback, answered as JSON without it
         log.exception("admin %s %s failed", request.method, request.path)
         return admin_error(500, "internal_error", "the admin API failed on this request; see the sidecar's log")
