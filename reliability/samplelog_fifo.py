@@ -96,7 +96,8 @@ async def run(args: argparse.Namespace) -> None:
         print(f"{args.requests} sampled requests of {len(body) / 1024**2:.1f} MiB ({args.shape}), sample log a FIFO "
               f"nobody reads, max_queue_bytes {args.max_queue_bytes or 'default'}")
         print(f"RSS MiB: before {before:.0f}, peak {peak:.0f}, after {after:.0f}")
-        for name in ("sample_log_lines_total", "sample_log_dropped_total", "sample_log_queue_bytes"):
+        for name in ("sample_log_lines_total", "sample_log_dropped_total", "sample_log_queue_bytes",
+                     "monitor_dropped_total"):
             rows = [line for line in text.splitlines() if line.startswith("sidecar_" + name)]
             print(f"  {name}: {', '.join(rows) or metric(text, 'sidecar_' + name)}")
     finally:
