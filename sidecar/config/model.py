@@ -338,6 +338,11 @@ class SampleLogConfig(_Model):
     redact: list[JsonPathText] = Field(default_factory=list, description="paths replaced by \"[redacted]\"")
     max_bytes: ByteSize = Field(default=100 * 1024**2, ge=1024, description="rotate past this size")
     keep: int = Field(default=5, ge=0, le=1000, description="rotated files kept: path.1 ... path.N")
+    max_queue_bytes: ByteSize = Field(
+        default=64 * 1024**2, ge=64 * 1024,
+        description="lines waiting for a slow writer, in bytes, at most; past it new lines are dropped and "
+                    "counted (sidecar_sample_log_dropped_total{reason=\"queue_bytes\"}); a line longer than "
+                    "this is never logged. Hot-reloadable: the running writer takes the new bound")
 
 
 class MonitorConfig(_Model):

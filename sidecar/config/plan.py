@@ -175,7 +175,8 @@ class SampleLogPlan:
     redact: tuple[JsonPath, ...]
     max_bytes: int
     keep: int
-    fingerprint: str
+    fingerprint: str         # all but max_queue_bytes: a reload that changes only that keeps the writer
+    max_queue_bytes: int = 64 * 1024**2
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +221,9 @@ class MonitorPlan:
             log_sample = cfg.sample if lc.sample is None else lc.sample
             log = SampleLogPlan(path=base_dir / lc.path, sample=log_sample,
                                 redact=tuple(compile_path(p) for p in lc.redact), max_bytes=lc.max_bytes,
-                                keep=lc.keep, fingerprint=_fingerprint(lc.model_dump(mode="json"), str(base_dir)))
+                                keep=lc.keep, max_queue_bytes=lc.max_queue_bytes,
+                                fingerprint=_fingerprint(lc.model_dump(mode="json", exclude={"max_queue_bytes"}),
+                                                         str(base_dir)))
         d = cfg.drift
         return cls(
             route=route,

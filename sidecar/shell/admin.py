@@ -11,13 +11,31 @@
     DELETE /admin/routes/{route}/weights     drop the override: back to the config's weights
     GET    /admin/openapi.json               OpenAPI 3.1 of all of the above
 
-Auth (one middleware, `_guard`): with `admin.token` set, every path but /healthz, /readyz,
-/metrics and the page itself needs `Authorization: Bearer <token>`, compared in constant
-time (hmac.compare_digest), else 401. Without a token, a listener that is not on loopback
-answers 403 to every mutating call (anything but GET/HEAD). The token is read from the
-running config on every call, so a reload can set or rotate it.
+Guard (one middleware, `_guard`), its checks in this order; the first that fails answers:
 
-Errors are JSON as SPEC 3.4: `{"error": {"type", "message", ...}}`.
+1. Host (DNS rebinding), only when no `admin.token` is set and the listener is on loopback:
+   every request, public paths included, must name a loopback host (`localhost`, or a
+   loopback address such as 127.0.0.1 or [::1]) with the listener's port (no port: only
+   when it listens on 80), else 421 `misdirected_request`. A page on a name the attacker
+   rebinds to 127.0.0.1 sends `Host: evil.example:PORT`; loopback names cannot be rebound.
+   A request with no Host header at all (HTTP/1.0 tools; never a browser) passes.
+2. Origin (cross-site requests), on every listener, token or not: a mutating call (any
+   method but GET/HEAD/OPTIONS) whose `Origin` is not the origin it was sent to
+   (`http(s)://` + its Host), `null` included, or whose `Sec-Fetch-Site` is `cross-site` or
+   `same-site`, answers 403 `forbidden`. Browsers send these on every cross-origin POST,
+   `<form>`s and `text/plain` fetches included; the CLI and scripts send neither.
+3. Token: with `admin.token` set, every path but /healthz, /readyz, /metrics and the page
+   itself needs `Authorization: Bearer <token>`, else 401. The token is compared as bytes
+   (the header's raw bytes, the config's UTF-8), in constant time over SHA-256 digests, so
+   neither a non-UTF-8 header nor the token's length changes the answer or its timing.
+4. Without a token, a listener that is not on loopback answers 403 to every mutating call.
+
+The token is read from the running config on every call, so a reload can set or rotate it.
+The listener's port is the bound one (`Sidecar.admin_port`), and "on loopback" is the
+running config's `admin.listen` host, as for rule 4.
+
+Errors are JSON as SPEC 3.4: `{"error": {"type", "message", ...}}`; an unexpected exception
+in a handler is logged and answered with a JSON 500 `internal_error`, without a traceback.
 
 `/healthz` and `/readyz` never depend on a backend's health (SPEC 7).
 
@@ -32,6 +50,7 @@ Imports: stdlib, aiohttp, orjson, prometheus_client, sidecar.config, sidecar.she
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import ipaddress
 import logging
@@ -66,7 +85,12 @@ StatusProvider = Callable[[], Mapping[str, Any]]
 PUBLIC_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics", "/"})
 SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 MASK: Final = "***"
-_URL_PASSWORD = re.compile(r"(?P<pre>\b[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*:)[^/@\s]+@")
+# scheme://userinfo@ : the authority ends at the first / ? # or space, and its userinfo at the
+# LAST @ before that (greedy), so a raw @ inside a password stays inside the userinfo
+_URL_USERINFO = re.compile(r"(?P<pre>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#\s]*)@")
+# Host: name or [v6], then an optional port
+_HOST = re.compile(r"(?:\[(?P<v6>[^\]]*)\]|(?P<name>[^:\[\]]*))(?::(?P<port>[0-9]{1,5}))?")
+_FOREIGN_FETCH: Final = frozenset({"cross-site", "same-site"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -90,19 +114,87 @@ def is_loopback(host: str) -> bool:
         return False            # "" (every interface) or a host name: not loopback
 
 
-# -- auth ----------------------------------------------------------------------------------------
+# -- guard: Host, Origin, token ------------------------------------------------------------------
+
+
+def would_accept_host(host: str, port: int) -> bool:
+    """Whether a Host header names this loopback listener: a loopback name or address, its port.
+
+    Case-insensitive; `localhost.` (the absolute name) too. No port only for port 80.
+    """
+    m = _HOST.fullmatch(host.strip().lower())
+    if m is None:
+        return False
+    name = m.group("v6") if m.group("v6") is not None else m.group("name").removesuffix(".")
+    if m.group("name") is not None and not (name == "localhost" or _is_ipv4_literal(name)):
+        return False            # any other name can be rebound to 127.0.0.1 by its owner
+    if not is_loopback(name):
+        return False
+    given = m.group("port")
+    return int(given) == port if given is not None else port == 80
+
+
+def _is_ipv4_literal(name: str) -> bool:
+    try:
+        ipaddress.IPv4Address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def would_accept_origin(headers: Mapping[str, str]) -> bool:
+    """Whether a mutating call comes from the admin's own origin (or from no browser at all).
+
+    `Origin` must be `http://` or `https://` + the request's own Host (a TLS proxy in front
+    keeps the Host); `Sec-Fetch-Site` must not be cross-site or same-site. Absent headers
+    pass: the CLI, curl and scripts send neither, and browsers send Origin on every
+    cross-origin POST, PUT and DELETE.
+    """
+    if headers.get("sec-fetch-site", "").strip().lower() in _FOREIGN_FETCH:
+        return False
+    origin = headers.get("origin")
+    if origin is None:
+        return True
+    host = headers.get("host", "").strip().lower()
+    scheme, sep, authority = origin.strip().lower().partition("://")
+    return bool(host) and sep == "://" and scheme in ("http", "https") and authority == host
+
+
+def token_matches(authorization: str, token: str) -> bool:
+    """`Bearer <token>`, compared as bytes in constant time (any header bytes, any token length).
+
+    aiohttp decodes header bytes as UTF-8 with surrogateescape, so encoding back the same way
+    gives the bytes as sent; `token` (from YAML or the environment) likewise.
+    """
+    scheme, _, given = authorization.partition(" ")
+    given_digest = hashlib.sha256(given.strip().encode("utf-8", "surrogateescape")).digest()
+    token_digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+    # both compared whatever the scheme: no early return on a wrong one
+    same = hmac.compare_digest(given_digest, token_digest)
+    return same and scheme.lower() == "bearer"
 
 
 @web.middleware
 async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path not in PUBLIC_PATHS or request.method not in SAFE_METHODS:
-        plan = request.app[SIDECAR_KEY].proxy.runtime.plan
+    sidecar = request.app[SIDECAR_KEY]
+    plan = sidecar.proxy.runtime.plan
+    loopback = is_loopback(plan.admin_listen[0])
+    if not plan.admin_token and loopback:
+        host = request.headers.get("host")
+        if host is not None and not would_accept_host(host, sidecar.admin_port):
+            return admin_error(421, "misdirected_request",
+                               f"this admin listener answers only to a loopback Host with its port, e.g. "
+                               f"127.0.0.1:{sidecar.admin_port} or localhost:{sidecar.admin_port} "
+                               f"(no admin.token is set; DNS rebinding protection)")
+    mutating = request.method not in SAFE_METHODS
+    if mutating and not would_accept_origin(request.headers):
+        return admin_error(403, "forbidden", "changes are refused from another origin (Origin or "
+                                             "Sec-Fetch-Site of a web page that is not this admin's own)")
+    if request.path not in PUBLIC_PATHS or mutating:
         if plan.admin_token:
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
-                                                                     plan.admin_token.encode()):
+            if not token_matches(request.headers.get("authorization", ""), plan.admin_token):
                 return admin_error(401, "unauthorized", "this admin API needs 'Authorization: Bearer <token>'")
-        elif request.method not in SAFE_METHODS and not is_loopback(plan.admin_listen[0]):
+        elif mutating and not loopback:
             return admin_error(403, "forbidden", "the admin listener is not on loopback and no admin.token is "
                                                  "set: changes are refused; set admin.token")
     try:
@@ -112,6 +204,11 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
         return admin_error(e.status, "not_found" if e.status == 404 else "method_not_allowed"
                            if e.status == 405 else "bad_request", e.reason)
+    except ConnectionError:   # the client went away: aiohttp drops it quietly
+        raise
+    except Exception:   # a bug: logged with its traceback, answered as JSON without it
+        log.exception("admin %s %s failed", request.method, request.path)
+        return admin_error(500, "internal_error", "the admin API failed on this request; see the sidecar's log")
 
 
 # -- liveness, readiness, metrics -------------------------------------------------------------------
@@ -150,8 +247,17 @@ async def drift(request: web.Request) -> web.Response:
 
 
 def mask_url(value: str) -> str:
-    """`http://user:pass@host` -> `http://user:***@host` (SPEC 8)."""
-    return _URL_PASSWORD.sub(rf"\g<pre>{MASK}@", value)
+    """`http://user:pass@host` -> `http://user:***@host` (SPEC 8), for every URL in `value`.
+
+    The userinfo runs to the LAST `@` of the authority (`http://u:p@ss@host` masks `p@ss`),
+    and the password from the first `:` in it; a URL with no password is left as it is.
+    """
+    return _URL_USERINFO.sub(_mask_userinfo, value)
+
+
+def _mask_userinfo(m: re.Match[str]) -> str:
+    user, colon, _password = m.group("userinfo").partition(":")
+    return m.group(0) if not colon else f"{m.group('pre')}{user}:{MASK}@"
 
 
 def route_status(sidecar: Sidecar, rt: Runtime, route: RoutePlan) -> dict[str, Any]:

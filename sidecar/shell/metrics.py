@@ -246,12 +246,18 @@ class Metrics:
         self.sample_log_lines = CallbackCounter("sample_log_lines_total", "Lines written to the sample log.",
                                                 ("route",))
         self.sample_log_dropped = CallbackCounter(
-            "sample_log_dropped_total", "Sample log lines lost: queue full or a failed write.", ("route",))
+            "sample_log_dropped_total", "Sample log lines lost, by reason: queue_full (10000 lines wait), "
+            "queue_bytes (monitor.log.max_queue_bytes would be passed), write_error, closed (during a reload).",
+            ("route", "reason"))
+        self.sample_log_queue_bytes = CallbackGauge(
+            "sample_log_queue_bytes", "Bytes of sample log lines waiting for the writer (at most "
+            "monitor.log.max_queue_bytes).", ("route",))
         self.sample_log_errors = CallbackCounter(
             "sample_log_errors_total", "Failed sample log file operations (disk full, read-only, ...).", ("route",))
         self.families += [self.drift_statistic, self.drift_p_value, self.drift_detected, self.route_latency,
                           self.route_error_ratio, self.monitor_samples, self.monitor_missing, self.monitor_dropped,
-                          self.sample_log_lines, self.sample_log_dropped, self.sample_log_errors]
+                          self.sample_log_lines, self.sample_log_dropped, self.sample_log_queue_bytes,
+                          self.sample_log_errors]
 
         # connection guards (shell/listener.py) and leak watching
         self.client_timeouts = CounterFamily(

@@ -11,7 +11,8 @@ Owns, per process (one `Monitor`, carried from Runtime to Runtime across reloads
 - the worker: ONE dedicated thread (a single-thread executor) that, every TICK_S, parses the
   pending samples with orjson, extracts features with compiled JSON paths into
   `core.window.FeatureWindow`s, counts missing/wrong-typed samples and hands redacted
-  records to the sample logs (shell/samplelog.py); and, every route's `drift.every`, runs
+  records to the sample logs (shell/samplelog.py: serialised there, queued within
+  `max_queue_bytes`, else dropped and counted); and, every route's `drift.every`, runs
   `core.drift.judge` over all (backend, feature). scipy is imported and warmed up at start,
   before the sidecar is ready (`prepare`), in a process whose config judges drift, and
   never in one that judges none. Importing it holds the GIL for long stretches (C
@@ -229,13 +230,14 @@ class Monitor:
                 del self._next_drift[name]
                 self._rows.pop(name, None)
         self._monitored = monitored
-        # sample logs: keep a writer whose config did not change
+        # sample logs: keep a writer whose config did not change (max_queue_bytes aside)
         logs: dict[str, SampleLog] = {}
         for name, m in monitored.items():
             if m.log is None:
                 continue
             old_log = self._logs.get(name)
             if old_log is not None and old_log.plan.fingerprint == m.log.fingerprint:
+                old_log.retune(m.log)   # max_queue_bytes is outside the fingerprint: applied in place
                 logs[name] = old_log
             else:
                 logs[name] = SampleLog(name, m.log)
@@ -516,7 +518,9 @@ class Monitor:
         metrics.monitor_missing.read = lambda: ((k, float(n)) for k, n in self._missing.items())
         metrics.monitor_dropped.read = lambda: (((r,), float(n)) for r, n in self._dropped.items())
         metrics.sample_log_lines.read = lambda: (((r,), float(s.written)) for r, s in self._logs.items())
-        metrics.sample_log_dropped.read = lambda: (((r,), float(s.dropped_total)) for r, s in self._logs.items())
+        metrics.sample_log_dropped.read = lambda: (((r, reason), float(n)) for r, s in self._logs.items()
+                                                   for reason, n in s.dropped_by_reason().items())
+        metrics.sample_log_queue_bytes.read = lambda: (((r,), float(s.queued_bytes)) for r, s in self._logs.items())
         metrics.sample_log_errors.read = lambda: (((r,), float(s.errors)) for r, s in self._logs.items())
 
     def _drift_statistic_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:

@@ -26,12 +26,20 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+# every operation, public ones included (shell/admin.py `_guard`, rule 1)
+_HOST_ERR = {
+    "421": _json(_ref("Error"), "no token is set, the listener is on loopback, and the Host header is not a "
+                                "loopback name or address with the listener's port (type misdirected_request)"),
+}
 _ERR = {
     "401": _json(_ref("Error"), "a token is set and the request does not carry it"),
+    **_HOST_ERR,
 }
 _MUTATING_ERR = {
     **_ERR,
-    "403": _json(_ref("Error"), "no token is set and the admin listener is not on loopback"),
+    "403": _json(_ref("Error"), "the call comes from a web page of another origin (Origin, or Sec-Fetch-Site "
+                                "cross-site/same-site), or no token is set and the admin listener is not on "
+                                "loopback (type forbidden)"),
 }
 _ROUTE_PARAM = [{"name": "route", "in": "path", "required": True, "schema": {"type": "string"},
                  "description": "a route name from the config"}]
@@ -135,17 +143,19 @@ _SCHEMAS: dict[str, Any] = {
 
 _paths: dict[str, dict[str, Any]] = {
     "/healthz": {"get": {"summary": "liveness: 200 while the process serves", "security": [],
-                         "responses": {"200": _json({"type": "object"}, "serving")}}},
+                         "responses": {"200": _json({"type": "object"}, "serving"), **_HOST_ERR}}},
     "/readyz": {"get": {"summary": "readiness: 200 once config is loaded and listeners are up", "security": [],
                         "responses": {"200": _json({"type": "object"}, "ready"),
-                                      "503": _json({"type": "object"}, "starting or draining")}}},
+                                      "503": _json({"type": "object"}, "starting or draining"), **_HOST_ERR}}},
     "/metrics": {"get": {"summary": "Prometheus metrics", "security": [],
                          "responses": {"200": {"description": "Prometheus text format",
-                                               "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+                                               "content": {"text/plain": {"schema": {"type": "string"}}}},
+                                       **_HOST_ERR}}},
     "/": {"get": {"summary": "the status page (self-contained HTML; it asks for the token when one is set)",
                   "security": [],
                   "responses": {"200": {"description": "HTML",
-                                        "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+                                        "content": {"text/html": {"schema": {"type": "string"}}}},
+                                **_HOST_ERR}}},
     "/admin/status": {"get": {"summary": "routes, effective weights, backends, reload state and capability sections",
                               "responses": {"200": _json(_ref("Status"), "status"), **_ERR}}},
     "/admin/config": {"get": {
@@ -212,7 +222,10 @@ def openapi_document() -> dict[str, Any]:
         "info": {"title": "model-sidecar admin API", "version": __version__,
                  "description": "Durations are seconds, rates are ratios from 0 to 1. With admin.token set, "
                                 "every endpoint but /healthz, /readyz, /metrics and the page needs "
-                                "'Authorization: Bearer <token>'."},
+                                "'Authorization: Bearer <token>'. Without a token, a loopback listener answers "
+                                "only requests whose Host is a loopback name or address with its port (else "
+                                "421). Changes (POST, PUT, DELETE) from a web page of another origin are "
+                                "refused with 403."},
         "components": {"schemas": _SCHEMAS,
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
         "security": [{"bearer": []}],

@@ -8,13 +8,13 @@ status under 400, as the monitor does), convert each value as a window would
 `{"feature": [values, ...], ...}`. Redacted values ("[redacted]") are skipped: a redacted
 feature gives an empty reference, so redact only what is not a feature.
 
-Blocking file I/O: for the command line, never the event loop. Imports: stdlib, orjson,
-sidecar.config, sidecar.core.
+Blocking file I/O: for the command line, never the event loop. The output is written
+atomically through a random temp name (shell/files.py). Imports: stdlib, orjson,
+sidecar.config, sidecar.core, sidecar.shell.files.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -23,6 +23,7 @@ import orjson
 
 from sidecar.config.plan import Plan
 from sidecar.core.window import as_category, as_number
+from sidecar.shell.files import write_atomically
 
 REDACTED: Final = "[redacted]"  # what shell/monitor.py writes in place of a redacted value
 
@@ -72,10 +73,8 @@ def build_reference(plan: Plan, route: str, logs: Sequence[str | Path], output: 
         except OSError as e:
             raise ReferenceBuildError(f"cannot read {log_path}: {e.strerror or e}") from None
     out = Path(output)
-    tmp = out.with_name(out.name + ".tmp")
     try:
-        tmp.write_bytes(orjson.dumps(values))
-        os.replace(tmp, out)
+        write_atomically(out, orjson.dumps(values), mode=0o644)   # never through a planted symlink
     except OSError as e:
         raise ReferenceBuildError(f"cannot write {out}: {e.strerror or e}") from None
     return {name: len(v) for name, v in values.items()}

@@ -9,12 +9,13 @@ What this module owns:
 - Applying: an override becomes a new `core.split.Split` in `runtime.splits[route]`, its
   names in the route's backend order (the proxy indexes `route.backends` by the pick).
 - Persistence: with `state_dir`, `state.json` there is rewritten whenever the overrides
-  change: written to a temporary file, fsynced, renamed over the old one (atomic on POSIX),
-  the folder fsynced; in a worker thread, one write at a time, the newest snapshot last.
+  change: written to a temporary file (mkstemp: a random name, O_EXCL, so never through a
+  planted symlink), fsynced, renamed over the old one (atomic on POSIX), the folder fsynced
+  (shell/files.py); in a worker thread, one write at a time, the newest snapshot last.
   The file: `{"format": 1, "weights": {route: {"fingerprint": fp, "weights": {b: w}}}}`.
   `state_dir` is read once at start; a reload that changes it warns (restart to apply).
 
-Imports: stdlib, orjson, sidecar.config, sidecar.core, sidecar.shell.runtime.
+Imports: stdlib, orjson, sidecar.config, sidecar.core, sidecar.shell.runtime/files.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +32,7 @@ import orjson
 
 from sidecar.config.plan import Plan, RoutePlan
 from sidecar.core.split import Split
+from sidecar.shell.files import write_atomically
 from sidecar.shell.runtime import Runtime
 
 log = logging.getLogger("sidecar.state")
@@ -193,23 +194,3 @@ def resolve_state_dir(state_dir: str | None, config_path: Path | None) -> Path |
     if p.is_absolute():
         return p
     return (config_path.parent if config_path is not None else Path.cwd()) / p
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """tmp + fsync + rename + fsync of the folder: a crash leaves the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)

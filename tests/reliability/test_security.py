@@ -24,6 +24,7 @@ from reliability.common import metric
 from sidecar.core.outcome import Outcome
 from sidecar.core.retry import NoRetry
 from sidecar.shell.mirror import OUTCOMES
+from sidecar.shell.samplelog import DROP_REASONS
 from tests import upstreams as u
 from tests.conftest import MakeSidecar
 
@@ -70,7 +71,8 @@ async def test_no_request_data_in_metric_labels(upstreams, make_sidecar: MakeSid
     # every label value comes from the config or a fixed enumeration (a new label name must be added here)
     allowed = {"route": {"r", "down", "(no_route)"},
                "backend": {"stable", "canary", "shadow", "down", "fallback:response", ""},
-               "reason": {"max_inflight", "max_connections", *map(str, NoRetry)}, "phase": {"header"},
+               "reason": {"max_inflight", "max_connections", *map(str, NoRetry), *DROP_REASONS},
+               "phase": {"header"},
                "outcome": set(map(str, Outcome)) | set(OUTCOMES), "kind": {"backend", "response"},
                "result": {"ok", "unchanged", "error"}, "quantile": {"0.5", "0.95", "0.99"},
                "feature": {"f"}, "test": {"ks", "chi2"}, "endpoint": {"0", "1"}}

@@ -384,7 +384,7 @@ async def test_unwritable_sample_log_is_counted_and_proxy_serves(upstreams, make
     await until(lambda: sample_log.dropped_total >= 10)
     text = await metrics_text(client, sc)
     assert (sample_value(text, "sidecar_sample_log_errors_total", route="r") or 0) >= 1
-    assert sample_value(text, "sidecar_sample_log_dropped_total", route="r") == 10.0
+    assert sample_value(text, "sidecar_sample_log_dropped_total", route="r", reason="write_error") == 10.0
     async with client.post(sc.proxy_url + "/", data=b"{}") as r:
         assert r.status == 200
 
