@@ -1,7 +1,7 @@
 """The backend fault matrix: each fault, what the client got, requests lost, the command.
 
 One table (`FAULTS`) drives both `tests/reliability/test_backend_faults.py` and
-`python -m reliability.faults --report` (the markdown rows of the README's Reliability section), so the
+`python -m reliability.faults --report` (the markdown rows of docs/reliability.md#backend-faults), so the
 docs and the tests cannot disagree. For each fault, `n` requests are sent concurrently to a
 route whose only backend has that fault, then:
 

@@ -152,7 +152,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_reference(args: argparse.Namespace) -> int:
-    """Build a drift reference file from sample log lines (README, Monitoring)."""
+    """Build a drift reference file from sample log lines (docs/monitoring.md#build-a-reference-from-a-sample-log)."""
     from sidecar.config.plan import Plan
     from sidecar.shell.reference import ReferenceBuildError, build_reference
 

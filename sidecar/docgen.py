@@ -198,7 +198,9 @@ def _type_text(annotation: Any, meta: Sequence[Any] = ()) -> str:
     for m in meta:
         func = getattr(m, "func", None)
         if func in _VALIDATOR_TYPES:
-            return _VALIDATOR_TYPES[func]
+            bounds = _range(meta)
+            named = _VALIDATOR_TYPES[func]
+            return f"{named} ({bounds})" if bounds and named in ("duration", "size") else named
     origin = get_origin(inner)
     if origin is Literal:
         return " | ".join(f"`{v}`" for v in get_args(inner))
@@ -255,9 +257,9 @@ def _default_text(field: FieldInfo, type_text: str) -> str:
         value = field.default
     if value is None:
         return "none"
-    if type_text == "duration":
+    if type_text.startswith("duration"):
         return f"`{_duration_text(value)}`"
-    if type_text == "size":
+    if type_text.startswith("size"):
         return f"`{_size_text(value)}`"
     if value in ("", [], {}):
         return '`""`' if value == "" else f"`{_yaml_text(value)}`"

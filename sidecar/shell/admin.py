@@ -172,7 +172,7 @@ def route_status(sidecar: Sidecar, rt: Runtime, route: RoutePlan) -> dict[str, A
         "sticky": route.sticky_header,
         "override_header": route.override_header,
         "timeout_s": route.timeout_s,
-        "rollout": None,          # no rollout capability yet (README, Rollouts)
+        "rollout": None,          # no rollout capability yet (docs/operations.md#rollouts)
         "fingerprint": route.fingerprint,
     }
 
