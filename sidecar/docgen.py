@@ -338,7 +338,7 @@ def admin_api_table() -> str:
 def _schema_type(schema: dict[str, Any]) -> str:
     if "$ref" in schema:
         name = schema["$ref"].removeprefix(_REF)
-        return f"[{name}](#{slug(name)})"
+        return f"[{name}](#{slug(_schema_heading(name))})"
     if "anyOf" in schema:
         return " or ".join(_schema_type(s) for s in schema["anyOf"])
     if "enum" in schema:
@@ -351,6 +351,11 @@ def _schema_type(schema: dict[str, Any]) -> str:
     if kind == "object" and "additionalProperties" in schema:
         return f"map: name -> {_schema_type(schema['additionalProperties'])}"
     return kind or "any"
+
+
+def _schema_heading(name: str) -> str:
+    """Headings of named schemas say so: a page may have a prose section called `Weights` too."""
+    return f"{name} (schema)"
 
 
 def _fields(schema: dict[str, Any], prefix: str) -> Iterator[list[str]]:
@@ -374,7 +379,7 @@ def admin_schemas() -> str:
         intro = schema.get("description", "")
         if not rows:
             intro = f"{intro} (`{_schema_type(schema)}`)"
-        parts.append(f"### {name}\n\n" + (f"{intro}\n\n" if intro else "")
+        parts.append(f"### {_schema_heading(name)}\n\n" + (f"{intro}\n\n" if intro else "")
                      + (_table(["field", "type", "meaning"], rows) if rows else ""))
     for path, item in doc["paths"].items():
         for method, op in item.items():
