@@ -6,7 +6,7 @@ docs and the tests cannot disagree. For each fault, `n` requests are sent concur
 route whose only backend has that fault, then:
 
 - every request got exactly one answer, and each answer is one the fault allows: the
-  backend's own, or a documented sidecar error (status + error.type, SPEC 3.4);
+  backend's own, or a documented sidecar error (status + error.type, docs/reference/http.md#errors);
 - the sidecar's `requests_total` for the route grew by exactly `n` (its accounting agrees
   with the clients': nothing double-answered or dropped), and the backend saw each request
   at most once (no hidden duplicates: the core proxy does not retry);

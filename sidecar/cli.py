@@ -1,4 +1,4 @@
-"""The `sidecar` command: run, validate, schema, demo; status, reload, weights (SPEC 7).
+"""The `sidecar` command: run, validate, schema, demo; status, reload, weights (docs/reference/cli.md).
 
 Exit codes: 0 success; 1 an invalid config, a drain that had to cut requests, or an admin
 call the sidecar refused (4xx/5xx: rejected reload, unknown route, bad weights, no token);

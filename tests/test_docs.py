@@ -1,4 +1,4 @@
-"""The docs cannot go stale: generated sections match the code, and every relative link resolves."""
+"""The docs cannot go stale: generated sections match the code, and every link into them resolves."""
 
 from __future__ import annotations
 
@@ -56,6 +56,26 @@ def test_every_relative_link_resolves():
                 broken.append(f"{where}: no file {path_part}")
             elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
                 broken.append(f"{where}: no heading #{anchor} in {dest.relative_to(ROOT)}")
+    assert not broken, "\n".join(broken)
+
+
+_CODE_POINTER = re.compile(r"\bdocs/[\w./-]+?\.md(?:#[\w-]+)?")
+CODE = [p for d in ("sidecar", "tests", "reliability", "bench") for p in sorted((ROOT / d).rglob("*"))
+        if p.suffix in (".py", ".yaml", ".html")] + [ROOT / "Dockerfile", ROOT / ".ci" / "run"]
+
+
+def test_every_docs_pointer_in_the_code_resolves():
+    """Comments, docstrings and messages that cite `docs/<page>.md#<anchor>` name a page and heading that exist."""
+    broken = []
+    for path in CODE:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            for pointer in _CODE_POINTER.findall(line):
+                page, _, anchor = pointer.partition("#")
+                dest = ROOT / page
+                if not dest.exists():
+                    broken.append(f"{path.relative_to(ROOT)}:{n}: no file {page}")
+                elif anchor and anchor not in anchors(dest):
+                    broken.append(f"{path.relative_to(ROOT)}:{n}: no heading #{anchor} in {page}")
     assert not broken, "\n".join(broken)
 
 

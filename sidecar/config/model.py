@@ -1,4 +1,4 @@
-"""Pydantic models of the config file (SPEC 2), with duration and size types.
+"""Pydantic models of the config file (docs/reference/configuration.md), with duration and size types.
 
 Every model forbids unknown keys and is frozen. Field checks live on the fields; the one
 root validator (`Config._check_references`) checks what spans sections (a split naming an
@@ -54,7 +54,7 @@ _SIZE_UNITS = {None: 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3,
 
 
 def parse_size(value: Any) -> Any:
-    """A plain integer is bytes; KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024 (SPEC 8)."""
+    """A plain integer is bytes; KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024 (docs/reference/configuration.md)."""
     if isinstance(value, bool):
         raise ValueError("a size is a number of bytes or a string like '10MiB'")
     if isinstance(value, int):

@@ -1,4 +1,4 @@
-"""The admin listener (SPEC 5): liveness, readiness, metrics, status, config, reload, weights, page.
+"""Admin listener (docs/reference/admin-api.md): liveness, readiness, metrics, status, config, reload, weights, page.
 
     GET    /healthz                          200 while the process serves          (no auth)
     GET    /readyz                           200 when ready, 503 while draining    (no auth)
@@ -17,9 +17,9 @@ time (hmac.compare_digest), else 401. Without a token, a listener that is not on
 answers 403 to every mutating call (anything but GET/HEAD). The token is read from the
 running config on every call, so a reload can set or rotate it.
 
-Errors are JSON as SPEC 3.4: `{"error": {"type", "message", ...}}`.
+Errors are JSON as docs/reference/admin-api.md#errors says: `{"error": {"type", "message", ...}}`.
 
-`/healthz` and `/readyz` never depend on a backend's health (SPEC 7).
+`/healthz` and `/readyz` never depend on a backend's health (docs/reference/admin-api.md#readiness-and-liveness).
 
 /admin/status: routes and backends (health, circuit, inflight, latency) are built here;
 `sidecar.status_providers` (() -> {"mirrors": ...}) add the top-level sections of the
@@ -150,7 +150,7 @@ async def drift(request: web.Request) -> web.Response:
 
 
 def mask_url(value: str) -> str:
-    """`http://user:pass@host` -> `http://user:***@host` (SPEC 8)."""
+    """`http://user:pass@host` -> `http://user:***@host` (docs/reference/admin-api.md#masking)."""
     return _URL_PASSWORD.sub(rf"\g<pre>{MASK}@", value)
 
 
