@@ -15,7 +15,7 @@ WORKDIR /var/lib/sidecar
 ENV SIDECAR_CONFIG=/etc/sidecar/config.yaml PYTHONUNBUFFERED=1
 EXPOSE 8080 9901
 
-# liveness only: /healthz never depends on a backend (SPEC 7)
+# liveness only: /healthz never depends on a backend (docs/reference/admin-api.md#readiness-and-liveness)
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9901/healthz', timeout=2)"]
 

@@ -2,7 +2,7 @@
 """A model server that hangs: accepts connections on 127.0.0.1:PORT, reads, never answers.
 
 Used as the shadow of bench/configs/sidecar-mirror-hang.yaml (started next to the sidecar
-by the bench command in the README)."""
+by the bench command in docs/performance.md)."""
 
 import asyncio
 import sys

@@ -3,8 +3,8 @@
 
 An answer is classified once, as (status, kind):
     (status, "backend")     the backend's answer (it carries x-sidecar-backend)
-    (status, <error.type>)  an error the sidecar made (SPEC 3.4 JSON, no x-sidecar-backend)
-    (status, "cut")         the head arrived, the body was cut (a broken stream, SPEC 8)
+    (status, <error.type>)  an error the sidecar made (docs/reference/http.md#errors, no x-sidecar-backend)
+    (status, "cut")         the head arrived, the body was cut (a broken stream, docs/reference/http.md)
     (0, "conn:<Exception>") no answer at all: the only kind that can count as lost
 """
 

@@ -1,12 +1,12 @@
 """The backend fault matrix: each fault, what the client got, requests lost, the command.
 
 One table (`FAULTS`) drives both `tests/reliability/test_backend_faults.py` and
-`python -m reliability.faults --report` (the markdown rows of the README's Reliability section), so the
+`python -m reliability.faults --report` (the markdown rows of docs/reliability.md#backend-faults), so the
 docs and the tests cannot disagree. For each fault, `n` requests are sent concurrently to a
 route whose only backend has that fault, then:
 
 - every request got exactly one answer, and each answer is one the fault allows: the
-  backend's own, or a documented sidecar error (status + error.type, SPEC 3.4);
+  backend's own, or a documented sidecar error (status + error.type, docs/reference/http.md#errors);
 - the sidecar's `requests_total` for the route grew by exactly `n` (its accounting agrees
   with the clients': nothing double-answered or dropped), and the backend saw each request
   at most once (no hidden duplicates: the core proxy does not retry);

@@ -1,4 +1,4 @@
-"""A small blocking client of a running sidecar's admin API, for the CLI (SPEC 7).
+"""A small blocking client of a running sidecar's admin API, for the CLI (docs/reference/cli.md).
 
 Blocking on purpose (urllib): a CLI call is one request, and this keeps the commands free
 of event loops. Errors are split the way scripts need them:

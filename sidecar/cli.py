@@ -1,4 +1,4 @@
-"""The `sidecar` command: run, validate, schema, demo; status, reload, weights (SPEC 7).
+"""The `sidecar` command: run, validate, schema, demo; status, reload, weights (docs/reference/cli.md).
 
 Exit codes: 0 success; 1 an invalid config, a drain that had to cut requests, or an admin
 call the sidecar refused (4xx/5xx: rejected reload, unknown route, bad weights, no token);
@@ -152,7 +152,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_reference(args: argparse.Namespace) -> int:
-    """Build a drift reference file from sample log lines (README, Monitoring)."""
+    """Build a drift reference file from sample log lines (docs/monitoring.md#build-a-reference-from-a-sample-log)."""
     from sidecar.config.plan import Plan
     from sidecar.shell.reference import ReferenceBuildError, build_reference
 
@@ -306,28 +306,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="serve (config: -c FILE or SIDECAR_CONFIG)")
-    run.add_argument("-c", "--config")
+    run.add_argument("-c", "--config", help="config file (default: SIDECAR_CONFIG)")
     run.add_argument("--log-level", default=os.environ.get("SIDECAR_LOG_LEVEL", "info"),
-                     choices=["debug", "info", "warning", "error"])
+                     choices=["debug", "info", "warning", "error"], help="default: SIDECAR_LOG_LEVEL, else info")
     run.set_defaults(func=cmd_run)
 
     val = sub.add_parser("validate", help="check a config file; print every error")
-    val.add_argument("-c", "--config")
+    val.add_argument("-c", "--config", help="config file (default: SIDECAR_CONFIG)")
     val.set_defaults(func=cmd_validate)
 
     sch = sub.add_parser("schema", help="print the config file's JSON Schema")
     sch.set_defaults(func=cmd_schema)
 
     ref = sub.add_parser("reference", help="build a drift reference file from a sample log")
-    ref.add_argument("-c", "--config")
+    ref.add_argument("-c", "--config", help="config file (default: SIDECAR_CONFIG)")
     ref.add_argument("--log", action="append", required=True, help="sample log file(s), JSON lines")
-    ref.add_argument("--route", required=True)
+    ref.add_argument("--route", required=True, help="the route whose features are read")
     ref.add_argument("--backend", help="only lines of this backend (default: all)")
-    ref.add_argument("-o", "--output", required=True)
+    ref.add_argument("-o", "--output", required=True, help="the reference file to write (JSON)")
     ref.set_defaults(func=cmd_reference)
 
     demo = sub.add_parser("demo", help="start example model servers and the sidecar, drive traffic, show it")
-    demo.add_argument("--seconds", type=float, default=8.0, help="how long the clients send traffic")
+    demo.add_argument("--seconds", type=float, default=8.0, help="how long the clients send traffic (default 8)")
     demo.add_argument("--keep", action="store_true", help="keep serving afterwards (open the status page)")
     demo.set_defaults(func=cmd_demo)
 
@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--admin", default=default_admin(),
                         help="admin API URL (default: SIDECAR_ADMIN or http://127.0.0.1:9901)")
     client.add_argument("--token", default=default_token(), help="admin token (default: SIDECAR_ADMIN_TOKEN)")
-    client.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the admin API")
+    client.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the admin API (default 10)")
 
     st = sub.add_parser("status", parents=[client], help="show routes, weights and backends of a running sidecar")
     st.add_argument("--json", action="store_true", help="print /admin/status as JSON")
@@ -346,8 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     wt = sub.add_parser("weights", parents=[client],
                         help="override a route's weights at runtime, e.g. `weights fraud stable=0 canary=100`")
-    wt.add_argument("route")
-    wt.add_argument("weights", nargs="*", metavar="BACKEND=WEIGHT")
+    wt.add_argument("route", help="a route name from the config")
+    wt.add_argument("weights", nargs="*", metavar="BACKEND=WEIGHT", help="new weights; backends not named keep theirs")
     wt.add_argument("--clear", action="store_true", help="drop the override: back to the configured weights")
     wt.set_defaults(func=cmd_weights)
     return p

@@ -1,4 +1,4 @@
-"""Errors the sidecar makes itself, each with the HTTP status and SPEC 3.4 type it becomes.
+"""Errors the sidecar makes itself, each with the HTTP status and type it becomes (docs/reference/http.md#errors).
 
     SidecarError                      (status, type)
     ├── BadRequest                    400 bad_request          malformed body or framing

@@ -1,6 +1,6 @@
 """Read a config file: expand ${VAR}, parse YAML, validate, and name the place of every error.
 
-Order (SPEC 8): YAML is parsed first, then `${NAME}` / `${NAME:-default}` are replaced inside
+Order (docs/reference/configuration.md): YAML is parsed first, then `${NAME}` / `${NAME:-default}` are replaced inside
 string values (never keys); a string that was only `${NAME}` is then converted by pydantic to
 the field's type. Places read like `routes[0].split` and `backends.stable.timeout`.
 `load_config` reads no state and writes nothing, so `sidecar validate` is side-effect free.
@@ -51,7 +51,7 @@ __all__ = ["LoadedConfig", "config_version", "load_config", "load_yaml", "parse_
 
 class _Loader(yaml.SafeLoader):
     """YAML with 1.2 booleans: only true/false. In YAML 1.1 (PyYAML's default) `on`, `off`,
-    `yes`, `no` are booleans too, which would turn the SPEC's `retry: {on: [...]}` key into True."""
+    `yes`, `no` are booleans too, which would turn `retry: {on: [...]}` into True (docs/reference/configuration.md)."""
 
 
 _Loader.yaml_implicit_resolvers = {

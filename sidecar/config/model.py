@@ -1,4 +1,4 @@
-"""Pydantic models of the config file (SPEC 2), with duration and size types.
+"""Pydantic models of the config file (docs/reference/configuration.md), with duration and size types.
 
 Every model forbids unknown keys and is frozen. Field checks live on the fields; the rules
 that span sections (a split naming an unknown backend, duplicate route names) live in one
@@ -63,7 +63,7 @@ _SIZE_UNITS = {None: 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3,
 
 
 def parse_size(value: Any) -> Any:
-    """A plain integer is bytes; KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024 (SPEC 8)."""
+    """A plain integer is bytes; KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024 (docs/reference/configuration.md)."""
     if isinstance(value, bool):
         raise ValueError("a size is a number of bytes or a string like '10MiB'")
     if isinstance(value, int):
@@ -172,28 +172,30 @@ class _Model(BaseModel):
 
 
 class AdminConfig(_Model):
-    listen: Listen = "127.0.0.1:9901"
+    listen: Listen = Field(default="127.0.0.1:9901", description="the admin listener: health, metrics, admin API, "
+                                                                "status page; a reload cannot change it")
     token: str = Field(default="", description="when non-empty, admin calls need 'Authorization: Bearer <token>'")
 
 
 class LimitsConfig(_Model):
-    max_body_bytes: ByteSize = Field(default=10 * 1024**2, description="larger request bodies get 413")
-    max_inflight: int = Field(default=1024, ge=1, description="past this, new requests get 503 overloaded")
+    max_body_bytes: ByteSize = Field(default=10 * 1024**2,
+                                     description="larger request bodies get 413 (declared or chunked; not buffered)")
+    max_inflight: int = Field(default=1024, ge=1, description="requests in progress at once; past it, 503 overloaded")
     buffer_response_bytes: ByteSize = Field(
         default=1024**2, description="answers with a Content-Length up to this are read whole before replying")
     stream_idle_timeout: Seconds = Field(default=60.0, description="longest pause between chunks of a streamed answer")
     body_timeout: Seconds = Field(default=30.0, description="a request body must arrive within this (else 408)")
     idle_timeout: Seconds = Field(default=75.0, description="idle client keep-alive connections close after this")
-    max_header_bytes: ByteSize = Field(default=8190, ge=256, description="longest request line or header field")
-    max_headers: int = Field(default=128, ge=8, description="most header fields in a request")
+    max_header_bytes: ByteSize = Field(default=8190, ge=256, description="longest request line or header (else 400)")
+    max_headers: int = Field(default=128, ge=8, description="most header fields in a request (else 400)")
     # connection guards (shell/listener.py)
     max_connections: int = Field(default=10000, ge=1,
                                  description="open client connections at most; past it new ones are closed at once")
-    header_timeout: Seconds = Field(default=10.0, description="a request head must arrive within this (else closed)")
+    header_timeout: Seconds = Field(default=10.0, description="a request head must arrive within this, else closed")
 
 
 class DrainConfig(_Model):
-    delay: DelaySeconds = Field(default=5.0, description="serve on after SIGTERM while endpoint removal propagates")
+    delay: DelaySeconds = Field(default=5.0, description="after SIGTERM (readiness 503 at once), serve on this long")
     grace: Seconds = Field(default=25.0, description="then in-flight requests finish within this")
 
 
@@ -217,27 +219,27 @@ class HealthCheckConfig(_Model):
 class CircuitBreakerConfig(_Model):
     consecutive_failures: int | None = Field(default=5, ge=1, description="open after this many failures in a row")
     failure_rate: float | None = Field(
-        default=0.5, gt=0, le=1, description="or this failure share over the last `window` calls")
-    window: int = Field(default=20, ge=1, description="calls over which failure_rate is judged")
+        default=0.5, gt=0, le=1, description="or when this share of the last `window` tries failed (null: off)")
+    window: int = Field(default=20, ge=1, description="tries over which failure_rate is judged, once seen")
     open_for: Seconds = Field(default=30.0, description="time open before half-open")
-    half_open_probes: int = Field(default=1, ge=1, description="tries let through while half-open")
+    half_open_probes: int = Field(default=1, ge=1, description="tries let through while half-open; success closes")
 
 
 class OutlierConfig(_Model):
     consecutive_failures: int = Field(default=5, ge=1, description="failed tries in a row that eject an endpoint")
     eject_for: Seconds = Field(default=30.0, description="how long an ejected endpoint gets no traffic")
-    max_ejected: float = Field(default=0.5, ge=0, le=1, description="share of the endpoints ejected at most")
+    max_ejected: float = Field(default=0.5, ge=0, le=1, description="share of the endpoints ejected at once, at most")
 
 
 class BackendConfig(_Model):
-    url: BackendUrl | None = Field(default=None, description="scheme, host, port, optional base path")
+    url: BackendUrl | None = Field(default=None, description="http(s)://host:port[/base/path]; or `endpoints`")
     endpoints: list[BackendUrl] | None = Field(
         default=None, min_length=1, description="a model's replicas, instead of `url`")
     balance: Literal["least_request", "round_robin", "random"] = Field(
         default="least_request", description="how a try picks one of the endpoints")
     outlier: OutlierConfig | None = Field(default=None, description="passive ejection of failing endpoints")
-    timeout: Seconds = Field(default=15.0, description="default per-try timeout")
-    max_connections: int = Field(default=100, ge=1, description="connection pool size (per endpoint)")
+    timeout: Seconds = Field(default=15.0, description="per-try timeout: until the answer is read (buffered) or starts")
+    max_connections: int = Field(default=100, ge=1, description="keep-alive pool size per endpoint; more requests wait")
     max_inflight: int | None = Field(
         default=None, ge=1, description="bulkhead: at this many requests in flight the backend takes no new ones")
     health_check: HealthCheckConfig | None = Field(default=None, description="active checks of every endpoint")
@@ -254,12 +256,12 @@ class BackendConfig(_Model):
 
 class MatchConfig(_Model):
     path_prefix: str = Field(default="/", description="plain string prefix, as Envoy's `prefix`")
-    methods: list[Method] | None = Field(default=None, description="allowed methods; any when absent")
+    methods: list[Method] | None = Field(default=None, description="allowed methods (any when absent); else 405")
     headers: dict[HeaderName, str] = Field(default_factory=dict, description="headers that must equal these values")
 
 
 class StickyConfig(_Model):
-    header: HeaderName
+    header: HeaderName = Field(description="hash this header's value to pick the backend")
 
 
 # --- mirror (shadow mode) and monitor (sampling, drift, sample log) ---------------------
@@ -277,7 +279,7 @@ _MIRROR_METHODS: list[Method] = ["POST", "GET"]
 
 
 class MirrorKeyConfig(_Model):
-    header: HeaderName
+    header: HeaderName = Field(description="choose the mirrored share by a hash of this header")
 
 
 class CompareConfig(_Model):
@@ -289,14 +291,15 @@ class CompareConfig(_Model):
 
 
 class MirrorConfig(_Model):
-    backend: str
+    backend: str = Field(description="the shadow: a backend (need not be in the split), once per route")
     percent: float = Field(default=100.0, ge=0, le=100, description="share of requests copied")
     key: MirrorKeyConfig | None = Field(default=None, description="the share is chosen by this header's hash")
-    methods: list[Method] = Field(default_factory=_MIRROR_METHODS.copy)
+    methods: list[Method] = Field(default_factory=_MIRROR_METHODS.copy, description="only these are mirrored")
     timeout: Seconds | None = Field(default=None, description="whole mirror deadline; default the backend's timeout")
     max_inflight: int = Field(default=32, ge=1, description="past this, mirrors are dropped and counted")
     max_body_bytes: ByteSize | None = Field(default=None, description="larger request bodies are not mirrored")
-    compare: CompareConfig | None = None
+    compare: CompareConfig | None = Field(default=None, description="compare the answers; else the shadow's is "
+                                                                  "read and discarded")
 
 
 _FEATURE_NAME = r"^[A-Za-z0-9_.-]+$"
@@ -306,7 +309,7 @@ class FeatureConfig(_Model):
     model_config = ConfigDict(extra="forbid", frozen=True, serialize_by_alias=True)
     source: Literal["request", "response"] = Field(alias="from", description="which body the path reads")
     path: JsonPathText = Field(description="JSON path; every value it finds is one sample")
-    kind: Literal["numeric", "categorical"] = "numeric"
+    kind: Literal["numeric", "categorical"] = Field(default="numeric", description="how values are compared")
 
 
 class ReferenceConfig(_Model):
@@ -323,8 +326,8 @@ class ReferenceConfig(_Model):
 
 
 class DriftConfig(_Model):
-    numeric: Literal["ks"] = "ks"
-    categorical: Literal["chi2"] = "chi2"
+    numeric: Literal["ks"] = Field(default="ks", description="test for numeric features: Kolmogorov-Smirnov")
+    categorical: Literal["chi2"] = Field(default="chi2", description="test for categorical features: chi-square")
     p_value: float = Field(default=0.01, gt=0, le=1, description="significant when the p-value is under this")
     psi: float = Field(default=0.2, ge=0, description="material when PSI is over this; 0: p-value alone")
     min_samples: int = Field(default=200, ge=1, description="per side, before any verdict")
@@ -349,10 +352,10 @@ class MonitorConfig(_Model):
     sample: float = Field(default=0.1, ge=0, le=1, description="share of requests whose payloads are sampled")
     window: int = Field(default=2000, ge=10, le=1_000_000, description="samples kept per (route, backend, feature)")
     features: dict[Annotated[str, Field(pattern=_FEATURE_NAME, max_length=64)], FeatureConfig] = Field(
-        default_factory=dict)
+        default_factory=dict, description="what to sample from the bodies, by name")
     reference: ReferenceConfig | None = Field(default=None, description="without one, no drift is computed")
-    drift: DriftConfig = Field(default_factory=DriftConfig)
-    log: SampleLogConfig | None = None
+    drift: DriftConfig = Field(default_factory=DriftConfig, description="when a feature counts as drifted")
+    log: SampleLogConfig | None = Field(default=None, description="JSON lines of sampled requests and answers")
 
     @model_validator(mode="after")
     def _warmup_covers_min_samples(self) -> MonitorConfig:
@@ -398,8 +401,8 @@ class RetryConfig(_Model):
     on: Annotated[list[Annotated[int, Field(strict=True)] | str], AfterValidator(_check_retry_on)] = Field(
         default_factory=_default_retry_on,
         description="what is retried: connect-error, timeout, reset, 5xx, or status codes")
-    backoff: BackoffConfig = Field(default_factory=BackoffConfig)
-    budget: float = Field(default=0.2, ge=0, description="retries at most this share of recent requests (min 10/s)")
+    backoff: BackoffConfig = Field(default_factory=BackoffConfig, description="exponential, full jitter")
+    budget: float = Field(default=0.2, ge=0, description="retries at most this share of 10 s of requests (min 10/s)")
     other_backend: bool = Field(default=True, description="a retry prefers another backend of the split")
     first_byte_timeout: Seconds | None = Field(
         default=None, description="no response headers by then counts as a timeout; default per_try_timeout")
@@ -408,9 +411,9 @@ class RetryConfig(_Model):
 
 
 class StaticResponseConfig(_Model):
-    status: int = Field(default=200, ge=200, le=599)
+    status: int = Field(default=200, ge=200, le=599, description="the answer's status")
     json_body: Any = Field(default=None, alias="json", description="the JSON body")
-    headers: dict[HeaderName, str] = Field(default_factory=dict)
+    headers: dict[HeaderName, str] = Field(default_factory=dict, description="the answer's headers")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True)
 
@@ -421,30 +424,34 @@ class FallbackConfig(_Model):
 
 
 class RouteConfig(_Model):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", min_length=1, max_length=64)]
-    match: MatchConfig = Field(default_factory=MatchConfig)
-    split: dict[str, Annotated[float, Field(ge=0)]] = Field(min_length=1)
-    sticky: StickyConfig | None = None
-    override_header: HeaderName | None = None
-    timeout: Seconds = Field(default=15.0, description="whole-request deadline until the answer starts")
-    mirror: list[MirrorConfig] = Field(default_factory=list)  # shadow copies
-    monitor: MonitorConfig | None = None
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", min_length=1, max_length=64)] = Field(
+        description="unique; used in metric labels and the admin API")
+    match: MatchConfig = Field(default_factory=MatchConfig, description="which requests the route takes")
+    split: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        min_length=1, description="backend -> weight; weights >= 0, not all 0, normalised")
+    sticky: StickyConfig | None = Field(default=None, description="the same key goes to the same backend")
+    override_header: HeaderName | None = Field(
+        default=None, description="a request may name any backend of the split in this header")
+    timeout: Seconds = Field(default=15.0, description="deadline until the answer starts, retries included")
+    mirror: list[MirrorConfig] = Field(default_factory=list, description="shadow copies of the requests")
+    monitor: MonitorConfig | None = Field(default=None, description="payload sampling, drift, sample log")
     retry: RetryConfig | None = Field(default=None, description="without it a route makes one try")
     fallback: list[FallbackConfig] = Field(
         default_factory=list, description="tried in order when the split cannot produce a good answer")
 
 
 class Config(_Model):
-    listen: Listen = "0.0.0.0:8080"
-    admin: AdminConfig = Field(default_factory=AdminConfig)
-    limits: LimitsConfig = Field(default_factory=LimitsConfig)
-    drain: DrainConfig = Field(default_factory=DrainConfig)
-    access_log: bool = True
+    listen: Listen = Field(default="0.0.0.0:8080", description="the proxy listener ([::]:8080 for IPv6); a reload "
+                                                             "cannot change it")
+    admin: AdminConfig = Field(default_factory=AdminConfig, description="the admin listener and its token")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="what one client or request may take")
+    drain: DrainConfig = Field(default_factory=DrainConfig, description="what SIGTERM does")
+    access_log: bool = Field(default=True, description="one JSON line per request on stdout")
     state_dir: str | None = Field(
         default=None, description="folder for runtime weight overrides (survive restarts); relative to the config file")
     backends: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=64)], BackendConfig] = Field(
-        min_length=1)
-    routes: list[RouteConfig] = Field(min_length=1)
+        min_length=1, description="the model servers, by name")
+    routes: list[RouteConfig] = Field(min_length=1, description="first match wins; no match is 404")
 
     @model_validator(mode="after")
     def _check_references(self) -> Config:

@@ -2,7 +2,7 @@
 
 A Plan is built once per (re)load. Each backend and route carries a `fingerprint` (hash of
 its own config section) so that a reload can keep the state of the ones that did not change
-(SPEC 4). Imports: stdlib, sidecar.core, sidecar.config.model/load, sidecar.errors.
+(docs/operations.md#hot-reload). Imports: stdlib, sidecar.core, sidecar.config.model/load, sidecar.errors.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ class MirrorPlan:
     rel_tolerance: float
     window: int
     # paths redacted from both answers before a disagreement is kept (the route's
-    # `monitor.log.redact`; SPEC 5 "redacted as the sample log is")
+    # `monitor.log.redact`; docs/reference/admin-api.md#mirrors: "redacted as the sample log is")
     redact: tuple[JsonPath, ...]
     compare_fingerprint: str          # a change resets the agreement window on reload
 
@@ -335,7 +335,7 @@ class RoutePlan:
         retry = _retry_policy(cfg)
         monitor = (MonitorPlan.build(cfg.name, cfg.monitor, base_dir or Path.cwd())
                    if cfg.monitor is not None else None)
-        # disagreements kept by mirrors are redacted as the sample log is (SPEC 5)
+        # disagreements kept by mirrors are redacted as the sample log is (docs/reference/admin-api.md#mirrors)
         redact = monitor.log.redact if monitor is not None and monitor.log is not None else ()
         return cls(
             name=cfg.name,
@@ -351,7 +351,7 @@ class RoutePlan:
             retry_budget=cfg.retry.budget if cfg.retry is not None else None,
             timeouts=tuple(_timeouts(cfg.retry, backends[b]) for b in cfg.split),
             fallback=tuple(fallback),
-            # a route changes when its own section or a backend it uses changes (SPEC 8)
+            # a route changes when its own section or a backend it uses changes (docs/operations.md#hot-reload)
             fingerprint=_fingerprint(cfg.model_dump(mode="json"), [backends[b].fingerprint for b in used]),
             mirrors=tuple(MirrorPlan.build(cfg.name, m, backends, redact) for m in cfg.mirror),
             monitor=monitor,
@@ -389,7 +389,7 @@ class Plan:
     def build(cls, loaded: LoadedConfig) -> Plan:
         cfg = loaded.config
         backends = {name: BackendPlan.build(name, b) for name, b in cfg.backends.items()}
-        base_dir = loaded.path.parent if loaded.path is not None else Path.cwd()  # SPEC 8 paths
+        base_dir = loaded.path.parent if loaded.path is not None else Path.cwd()  # docs/reference/configuration.md
         routes = tuple(RoutePlan.build(r, backends, base_dir) for r in cfg.routes)
         return cls(
             config=cfg,
@@ -407,7 +407,7 @@ class Plan:
         )
 
     def match(self, method: str, path: str, headers: Mapping[str, str]) -> RoutePlan:
-        """First route whose prefix, method and headers match (SPEC 2, 8).
+        """First route whose prefix, method and headers match (docs/reference/http.md#routing).
 
         No prefix match: NoRoute (404). Some prefix matched but no route there allows the
         method: MethodNotAllowed (405) with the methods those routes allow.

@@ -11,7 +11,7 @@ Balancing (`backends.<name>.balance`):
 - random: uniform over the usable endpoints.
 `avoid` (a retry or hedge) steers away from the endpoint just tried while another is usable.
 
-Outlier ejection (`backends.<name>.outlier`, SPEC 8), Envoy's consecutive-5xx detector
+Outlier ejection (`backends.<name>.outlier`, docs/resilience.md), Envoy's consecutive-5xx detector
 without its growing ejection times:
 - each endpoint counts failed tries in a row (Outcome.failed); a success resets the count;
 - at `consecutive_failures` the endpoint is ejected for `eject_for_s`, and its count resets;
@@ -63,7 +63,7 @@ class OutlierPolicy:
             raise ValueError(f"max_ejected must be in [0, 1], got {self.max_ejected}")
 
     def max_ejected_count(self, n: int) -> int:
-        """SPEC 8: a share of the n endpoints, rounded down, but at least 1 when n >= 2."""
+        """docs/resilience.md: a share of the n endpoints, rounded down, but at least 1 when n >= 2."""
         if n < 2:
             return 0
         # The epsilon keeps e.g. 0.29 * 100 == 28.999999999999996 at 29.
@@ -134,7 +134,7 @@ class EndpointSet:
         return self.healthy[i] and now >= self.ejected_until[i]
 
     def available(self, now: float) -> bool:
-        """Whether any endpoint is usable (else the backend counts as unavailable, SPEC 3.2)."""
+        """Whether any endpoint is usable (else the backend counts as unavailable, docs/reference/http.md#the-split)."""
         if self._unhealthy == 0 and now >= self._eject_horizon:
             return True
         healthy, until = self.healthy, self.ejected_until

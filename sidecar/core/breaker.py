@@ -2,7 +2,7 @@
 
 Owns the breaker's state and counters. Knows nothing about backends, metrics or logs: the
 shell asks `would_allow`/`try_acquire` before a try and calls `record` with the outcome
-(`Outcome.failed`, SPEC 8: every try to a backend, on any of its endpoints, counts).
+(`Outcome.failed`, docs/resilience.md#circuit-breaker: every try to a backend, on any of its endpoints, counts).
 
     CLOSED --(consecutive_failures in a row, or failure share >= failure_rate
               over the last `window` calls once `window` calls were seen)--> OPEN
@@ -210,7 +210,7 @@ class Breaker:
             ring[pos] = failed
             self._ring_failures += failed
             self._ring_pos = pos + 1 if pos + 1 < len(ring) else 0
-            # SPEC 8: the rate is judged only once `window` calls were seen since closing.
+            # docs/resilience.md#circuit-breaker: the rate is judged only once `window` calls were seen since closing.
             trip = trip or (self._seen == len(ring) and self._ring_failures >= self._rate_limit)
         if trip:
             self._open(now)

@@ -1,6 +1,6 @@
 """Retry budget of one route: retries as a share of recent requests, with a floor.
 
-SPEC 8: "The budget counts over the last 10 s: a retry is allowed while
+docs/resilience.md#retry-budget: "The budget counts over the last 10 s: a retry is allowed while
 retries <= max(budget x requests, 10 x 10)". Here: a retry is allowed when, counting it,
 
     retries_in_window + 1 <= max(ratio * requests_in_window, min_per_s * window_s)

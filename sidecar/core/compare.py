@@ -4,10 +4,10 @@ Owns the comparison rule (`compare_values`), the rolling agreement ratio behind
 `mirror_agreement_ratio` and `/admin/mirrors` (`AgreementWindow`), and the bounded list of
 recent disagreements shown there (`DisagreementLog`). The mirror shell evaluates
 `mirror.compare.path` (sidecar.core.jsonpath) on both answers, calls `compare_values`, records
-the verdict, and redacts values before adding a `Disagreement` (SPEC 5: "redacted as the
+the verdict, and redacts values before adding a `Disagreement` (docs/reference/admin-api.md#mirrors: "redacted as the
 sample log is"); nothing here redacts, awaits or reads a clock.
 
-The rule (SPEC 2 `mirror.compare`, SPEC 8): a request agrees when every compared element
+The rule (docs/shadow.md#comparison-rules): a request agrees when every compared element
 does. Elements are compared by kind:
 
 - numbers (int or float, never bool): equal, or |a-b| <= tolerance (absolute), or, when

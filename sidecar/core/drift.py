@@ -142,7 +142,7 @@ def psi_categorical(ref: CategoricalSample, cur: CategoricalSample, eps: float =
 
 @dataclass(frozen=True, slots=True)
 class DriftPolicy:
-    """How a route judges drift (SPEC 2 `monitor.drift`); built once per config."""
+    """How a route judges drift (`monitor.drift`, docs/monitoring.md#drift); built once per config."""
 
     numeric_test: str = "ks"
     categorical_test: str = "chi2"
@@ -200,9 +200,9 @@ def judge(
 ) -> DriftResult | None:
     """Test cur against ref under `policy`; None until both sides have `min_samples`.
 
-    The rule is SPEC 8's: drifted when the test is significant (p-value < `p_value`) AND the
+    The rule (docs/monitoring.md#drift): drifted when the test is significant (p-value < `p_value`) AND the
     effect is material (PSI > `psi`); with `psi: 0` the p-value alone decides. (An issue
-    text read "p-value under p_value OR PSI over psi"; SPEC 8 settles it as AND: with
+    text read "p-value under p_value OR PSI over psi"; the docs settle it as AND: with
     thousands of samples a tiny, harmless shift is significant, and with few samples PSI is
     noisy, so either alone raises false alarms.) Numeric features use KS and PSI over
     ref's deciles; categorical ones chi-square and PSI over categories.

@@ -1,15 +1,15 @@
-"""The one JSON path implementation: compile the SPEC subset once, evaluate many times.
+"""The one JSON path implementation: compile the documented subset once, evaluate many times.
 
 Shadow comparison (`mirror.compare`), monitor features, feedback predictions and sample-log
 redaction (`log.redact`) all go through here, so a path means the same thing everywhere.
 
-Syntax (SPEC 2), a path is `$` followed by steps:
+Syntax (docs/reference/configuration.md#json-paths), a path is `$` followed by steps:
 
 - `.key`       a dict key made of letters, digits, `_` and `-` (Unicode letters and digits
                count); any other key needs the bracket form;
 - `["key"]`    any dict key, in double or single quotes; backslash escapes as in JSON
   `['key']`    (`\\"`, `\\'`, `\\\\`, `\\/`, `\\b`, `\\f`, `\\n`, `\\r`, `\\t`, `\\uXXXX`);
-- `[N]`        list element N, counted from 0. Extra beyond SPEC: `[-N]` counts from the end,
+- `[N]`        list element N, counted from 0. Extra beyond the basic subset: `[-N]` counts from the end,
                as in Python (`[-1]` is the last element);
 - `[*]`        every element of a list or every value of a dict, in document order. Extra:
                `.*` is accepted as a spelling of `[*]`.
@@ -17,7 +17,7 @@ Syntax (SPEC 2), a path is `$` followed by steps:
 No whitespace is allowed outside quoted keys. Evaluation never raises: a step that meets the
 wrong type (a key on a list, an index on a dict or a string, anything on a scalar) or a
 missing key or index simply matches nothing, which callers count as a missing sample
-(SPEC 2). Only dicts and lists (what json/orjson produce) are containers; tuples and other
+(docs/reference/configuration.md). Only dicts and lists (what json/orjson produce) are containers; tuples and other
 objects are leaves.
 
 Invariants the tests check as properties: `find` returns exactly the values at the locations

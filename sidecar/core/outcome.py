@@ -1,6 +1,6 @@
 """The one definition of what a try's outcome is and whether it failed.
 
-SPEC 8: a try fails when it is a connect error, a timeout, a reset or a 5xx. A 4xx is the
+docs/resilience.md: a try fails when it is a connect error, a timeout, a reset or a 5xx. A 4xx is the
 model's answer: no retry, no fallback, no breaker count. Every consumer (retries, circuit
 breakers, outlier ejection, metrics, access log) classifies through here, once per try, as
 linkerd's classifier does.

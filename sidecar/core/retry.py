@@ -5,7 +5,7 @@ says whether an outcome is retryable by the route's `retry.on` list; it does not
 tries left, deadline or budget. `RetryState.decide` does, in this order, and names the
 first reason that stops the retry:
 
-    response already started  ->  NoRetry.STARTED        (SPEC 3.1: never retried)
+    response already started  ->  NoRetry.STARTED        (docs/resilience.md#retries: never retried)
     not retryable             ->  NoRetry.NOT_RETRYABLE
     tries spent               ->  NoRetry.ATTEMPTS      (`attempts` counts the first try)
     backoff + a minimal try would end past the deadline  ->  NoRetry.DEADLINE
@@ -16,7 +16,7 @@ first reason that stops the retry:
 Backoff is exponential with full jitter (AWS architecture blog, "Exponential Backoff And
 Jitter"): retry k waits rng() * min(max, base * 2**(k-1)).
 
-Hedges (SPEC 8) are tries: they count in `attempts` and spend the retry budget.
+Hedges (docs/resilience.md#hedging) are tries: they count in `attempts` and spend the retry budget.
 
 Imports: standard library and sidecar.core.budget / sidecar.core.outcome.
 """
@@ -170,7 +170,7 @@ class RetryState:
             return NoRetry.NOT_RETRYABLE
         if self.tries >= policy.attempts:
             return NoRetry.ATTEMPTS
-        # The next try is retry number `tries` (hedges count: they are tries, SPEC 8).
+        # The next try is retry number `tries` (hedges count: they are tries, docs/resilience.md#hedging).
         delay = backoff_s(self.tries, policy.backoff_base_s, policy.backoff_max_s, rng)
         if now + delay + MIN_TRY_S >= self.deadline:
             return NoRetry.DEADLINE

@@ -7,7 +7,7 @@ Invariants this gives, which the tests check as properties:
 
 - weights are respected: P(b wins) = w_b / sum(w);
 - monotone: when w_b grows and the other weights stay or shrink, b's score grows and every
-  other score stays or shrinks, so no key on b moves away (SPEC 3.2, 8);
+  other score stays or shrinks, so no key on b moves away (docs/reference/http.md#the-split);
 - deterministic across processes and restarts (blake2b + splitmix64, never `hash()`), so
   every replica of a fleet puts a key on the same backend;
 - removing a backend (circuit open, unhealthy) only moves the keys that were on it.

@@ -38,7 +38,7 @@ def as_number(value: object) -> float | None:
     """The float a numeric feature records for a JSON value, or None for a missing sample.
 
     int and float count (finite only); bool, str, None, lists and objects are the wrong type
-    (SPEC 2: counted as missing, never an error). JSON `true` is not the number 1 here.
+    (docs/monitoring.md#sampling: counted as missing, never an error). JSON `true` is not the number 1 here.
     """
     if isinstance(value, float):  # float and its subclasses (numpy.float64)
         return float(value) if math.isfinite(value) else None
@@ -182,7 +182,7 @@ class FeatureWindow:
     """The last `size` samples of one feature of one (route, backend), as a ring.
 
     `add` converts with `as_number` or `as_category` and stores the result; a value of the
-    wrong type is counted in `missing_total` instead (SPEC 2), as is an explicit
+    wrong type is counted in `missing_total` instead (docs/monitoring.md#sampling), as is an explicit
     `add_missing()` for a path that found nothing. `values()` returns the filled part of the
     ring as a fresh array: float64 for numeric features, dtype=object holding `str` for
     categorical ones (object, not numpy's fixed-width unicode, whose size is the longest

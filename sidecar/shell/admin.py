@@ -1,4 +1,4 @@
-"""The admin listener (SPEC 5): liveness, readiness, metrics, status, config, reload, weights, page.
+"""Admin listener (docs/reference/admin-api.md): liveness, readiness, metrics, status, config, reload, weights, page.
 
     GET    /healthz                          200 while the process serves          (no auth)
     GET    /readyz                           200 when ready, 503 while draining    (no auth)
@@ -34,10 +34,11 @@ The token is read from the running config on every call, so a reload can set or 
 The listener's port is the bound one (`Sidecar.admin_port`), and "on loopback" is the
 running config's `admin.listen` host, as for rule 4.
 
-Errors are JSON as SPEC 3.4: `{"error": {"type", "message", ...}}`; an unexpected exception
-in a handler is logged and answered with a JSON 500 `internal_error`, without a traceback.
+Errors are JSON as docs/reference/admin-api.md#errors says: `{"error": {"type", "message", ...}}`;
+an unexpected exception in a handler is logged and answered with a JSON 500 `internal_error`,
+without a traceback.
 
-`/healthz` and `/readyz` never depend on a backend's health (SPEC 7).
+`/healthz` and `/readyz` never depend on a backend's health (docs/reference/admin-api.md#readiness-and-liveness).
 
 /admin/status: routes and backends (health, circuit, inflight, latency) are built here;
 `sidecar.status_providers` (() -> {"mirrors": ...}) add the top-level sections of the
@@ -247,7 +248,8 @@ async def drift(request: web.Request) -> web.Response:
 
 
 def mask_url(value: str) -> str:
-    """`http://user:pass@host` -> `http://user:***@host` (SPEC 8), for every URL in `value`.
+    """`http://user:pass@host` -> `http://user:***@host` (docs/reference/admin-api.md#masking),
+    for every URL in `value`.
 
     The userinfo runs to the LAST `@` of the authority (`http://u:p@ss@host` masks `p@ss`),
     and the password from the first `:` in it; a URL with no password is left as it is.
@@ -278,7 +280,7 @@ def route_status(sidecar: Sidecar, rt: Runtime, route: RoutePlan) -> dict[str, A
         "sticky": route.sticky_header,
         "override_header": route.override_header,
         "timeout_s": route.timeout_s,
-        "rollout": None,          # no rollout capability yet (README, Rollouts)
+        "rollout": None,          # no rollout capability yet (docs/operations.md#rollouts)
         "fingerprint": route.fingerprint,
     }
 

@@ -9,10 +9,10 @@ A `Backend` is what a route's split picks. It owns:
 - a `Breaker` (core/breaker.py), or None when the backend has no `circuit_breaker`;
 - the bulkhead: `max_inflight` over all of its endpoints.
 
-`available(now)` says whether a new try may be picked here (SPEC 3.2): breaker allows,
+`available(now)` says whether a new try may be picked here (docs/reference/http.md#the-split): breaker allows,
 bulkhead not full, some endpoint healthy and not ejected. It spends nothing and allocates
 nothing. `try_` makes one try on a given endpoint and records its outcome for the breaker and
-the outlier detector (SPEC 8: every try, on any endpoint, counts for the breaker). A shadow
+the outlier detector (docs/resilience.md#circuit-breaker: every try, on any endpoint, counts). A shadow
 copy (shell/mirror.py) is a try like any other: it is skipped while its backend is not
 available and its outcome feeds the breaker and outlier detection, so a hanging shadow with a
 `circuit_breaker` or `health_check` stops costing connections. Nothing
@@ -23,7 +23,7 @@ that breaks later is counted in the metrics but not fed to the breaker again, so
 never counts twice.
 
 A reload keeps a Backend whose plan fingerprint did not change (shell/runtime.py), with its
-pools, breaker, ejections and health: SPEC 4.
+pools, breaker, ejections and health: docs/operations.md#hot-reload.
 
 Imports: stdlib, sidecar.core, sidecar.config.plan, sidecar.shell.upstream.
 """
@@ -85,7 +85,7 @@ class Backend:
         return sum(p.inflight for p in pools)
 
     def available(self, now: float) -> bool:
-        """Whether a new try may be picked here now (SPEC 3.2); spends nothing."""
+        """Whether a new try may be picked here now (docs/reference/http.md#the-split); spends nothing."""
         cap = self._cap
         if cap is not None and self.inflight >= cap:
             return False

@@ -5,8 +5,8 @@ dedicated one-connection pool per endpoint, so a check never waits behind model 
 a pooled connection (which would mark a busy replica down) and never blocks a request.
 A 2xx or 3xx answer passes; anything else (status, connect error, timeout, reset) fails.
 Results feed core/health.HealthTracker; a flip sets the endpoint's health in the Backend's
-EndpointSet and is logged. A backend with no healthy endpoint is unavailable (SPEC 3.2).
-`/healthz` and `/readyz` never look at this (SPEC 7).
+EndpointSet and is logged. A backend with no healthy endpoint is unavailable (docs/reference/http.md#the-split).
+`/healthz` and `/readyz` never look at this (docs/reference/admin-api.md#readiness-and-liveness).
 
 The loops run in the server's TaskGroup (`Sidecar.run` asks `Runtime.health_checkers()`);
 they catch every Exception, log it and carry on; cancellation ends them.

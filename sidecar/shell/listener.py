@@ -10,7 +10,7 @@ and no cap on connections. This module adds both:
                              before a byte is read; counted in
                              shed_requests_total{reason="max_connections"}
     malformed heads          aiohttp's parser refuses them (400, connection closed); we answer
-                             in the SPEC 3.4 JSON shape (`bad_request`) instead of aiohttp's
+                             in the JSON shape of docs/reference/http.md#errors (`bad_request`) instead of aiohttp's
                              text, without echoing the client's bytes, count them in
                              malformed_requests_total and log at most one warning per 10 s
                              (aiohttp logs each with a traceback: a flood would be a log flood)

@@ -1,4 +1,4 @@
-"""Every metric family (SPEC 6) is declared here; label children are cached cells.
+"""Every metric family (docs/reference/metrics.md) is declared here; label children are cached cells.
 
 Why not prometheus_client's Counter/Histogram objects on the hot path: each `inc` and
 `observe` takes a threading lock and walks the buckets in Python, ~1-3 us apiece, several

@@ -1,13 +1,13 @@
 """Shadow mirroring: copies of a route's requests to shadow backends, and their comparison.
 
-What this module owns (SPEC 2 `mirror`, 3.3, 3.5, 5, 6; the README for users):
+What this module owns (docs/shadow.md; config, admin API and metrics in docs/reference/):
 
 - The per-request decision, `Mirrors.select`: the sampled share first (one `rng()` compare,
   or the key header's hash when `key` is set, so the same users are mirrored every time),
   then the rules (`methods`, the body cap). A sampled request that a rule excludes is
   counted by reason; requests outside `percent` are not counted (requests_total has them).
 - The mirror tasks, started by `MirrorTicket.send` once the primary answer is known (the
-  primary request was forwarded first, SPEC 3.5), one per shadow, each with its own
+  primary request was forwarded first, docs/shadow.md), one per shadow, each with its own
   deadline (`mirror.timeout`). At a shadow's `max_inflight` a mirror is dropped and counted,
   never queued; while the shadow backend is not available it is skipped and counted. Tasks
   live in one set that is bounded by the sum of the caps, are discarded when done, and are
@@ -40,7 +40,7 @@ backend is not available: its circuit is open, every endpoint is unhealthy or ej
 own `max_inflight` is reached), internal_error (a bug; logged).
 
 A shadow copy is a try on its backend (`Backend.try_`): it counts for that backend's circuit
-breaker and outlier detection, as every try does (SPEC 8). So a shadow that hangs or fails,
+breaker and outlier detection, as every try does (docs/resilience.md#circuit-breaker). So a shadow that hangs or fails,
 given a `circuit_breaker` or `health_check`, is soon skipped (`skipped_unavailable`) and costs
 no connections at all, instead of holding `max_inflight` of them until each times out.
 

@@ -29,7 +29,7 @@ Threading invariants (why no locks):
 - Latency windows, `_pending`, the published snapshots and the metric cells are loop-only.
 - A SampleLog's `put` is called from the worker only; its writer is its own thread.
 
-Reload (SPEC 4): windows are keyed by names and kept when what they depend on did not
+Reload (docs/monitoring.md#reload): windows are keyed by names and kept when what they depend on did not
 change: latency windows when the backend's fingerprint is the same and the route still
 uses it; feature windows when the feature's config, the window size, the reference and the
 backend are the same. A reference file is re-read on every reload.
@@ -135,7 +135,7 @@ class _RouteState:
 def load_reference_file(path: Path, features: tuple[FeaturePlan, ...]) -> dict[str, npt.NDArray[Any]]:
     """A reference file's samples per feature, converted as windows convert them (blocking).
 
-    Format (SPEC 8): a JSON object `{"feature": [values, ...], ...}`. Values that are not a
+    Format (docs/monitoring.md#references): a JSON object `{"feature": [values, ...], ...}`. Values that are not a
     sample of the feature's kind are skipped, as a window would count them missing. Features
     absent from the file get no entry (reported as `no_reference`). Raises OSError or
     ValueError for an unreadable or malformed file.
@@ -444,7 +444,7 @@ class Monitor:
         label = f"backend:{m.reference_backend}" if kind == "backend" else str(kind)
         for backend in st.backends:
             if kind == "backend" and backend == m.reference_backend:
-                continue  # SPEC 8: the reference backend is not compared with itself
+                continue  # docs/monitoring.md#references: the reference backend is not compared with itself
             for f in m.features:
                 fs = st.windows.get((backend, f.name))
                 cur = fs.cur.values() if fs is not None else _EMPTY

@@ -1,4 +1,4 @@
-"""The admin API described as OpenAPI 3.1, served at `/admin/openapi.json` (SPEC 8).
+"""The admin API described as OpenAPI 3.1, served at `/admin/openapi.json` (docs/reference/admin-api.md).
 
 Hand-written on purpose: the admin API is small and its shapes are the contract, so they are
 written down here rather than inferred. `tests/shell/test_admin.py` checks that every route

@@ -133,7 +133,7 @@ class Exchange:
 
 
 def error_response(err: SidecarError, ex: Exchange) -> web.Response:
-    """SPEC 3.4: a JSON error the sidecar made, with the request id."""
+    """docs/reference/http.md#errors: a JSON error the sidecar made, with the request id."""
     body = orjson.dumps({"error": {
         "type": err.type, "message": err.message,
         "route": ex.route.name if ex.route else None, "request_id": ex.request_id,
@@ -253,7 +253,7 @@ class Proxy:
 
     async def _forward(self, request: web.BaseRequest, ex: Exchange, rt: Runtime, route: RoutePlan,
                        headers: list[tuple[str, str]], body: bytes) -> web.StreamResponse:
-        """Pick, try, retry, hedge, fall back: until an answer goes to the client (SPEC 3.2)."""
+        """Pick, try, retry, hedge, fall back: until an answer goes to the client (docs/resilience.md)."""
         rs = rt.route_states[route.name]
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -442,7 +442,7 @@ class Proxy:
                 return await self._respond(request, got, ex, rt)
             last = _keep(last, got)
         if isinstance(last, Answer):
-            return await self._respond(request, last, ex, rt)  # SPEC 8: passes as it was
+            return await self._respond(request, last, ex, rt)  # docs/resilience.md#fallback-chain: passes as it was
         if last is None:
             ex.backend = NO_BACKEND
             raise NoBackendAvailable(f"no backend of route {route.name!r} can take a request now")
@@ -453,7 +453,7 @@ class Proxy:
         raise UpstreamError(f"backend {ex.backend!r} failed: {last.detail}")
 
     def _skipped(self, route: str, reason: NoRetry, outcome: Outcome) -> None:
-        """Count a retry not made (SPEC: never silent); a not-retryable 4xx is no skipped retry."""
+        """Count a retry not made (docs/resilience.md: never silent); a not-retryable 4xx is no skipped retry."""
         if reason is NoRetry.NOT_RETRYABLE:
             return
         metrics = self.runtime.metrics
@@ -498,7 +498,7 @@ class Proxy:
 
     def _pick(self, route: RoutePlan, rs: RouteState, headers: CIMultiDictProxy[str], rt: Runtime, now: float,
               avoid: int | None) -> int | None:
-        """Index of the split's backend for the next try; None when none can take it (SPEC 3.2).
+        """Index of the split's backend for the next try; None when none can take it (docs/reference/http.md#the-split).
 
         `avoid` (a retry with `other_backend`, a hedge): another available backend is
         preferred; only when none is left does the try go to `avoid` again.
@@ -559,9 +559,9 @@ class Proxy:
 
     async def _respond(self, request: web.BaseRequest, answer: Answer, ex: Exchange,
                        rt: Runtime) -> web.StreamResponse:
-        if answer.backend:  # the answer that passes may be an earlier try's (SPEC 8)
+        if answer.backend:  # the answer that passes may be an earlier try's (docs/reference/http.md#errors)
             ex.backend = answer.backend
-        if ex.mirror is not None:  # the answer is final: start the shadows (SPEC 3.5)
+        if ex.mirror is not None:  # the answer is final: start the shadows (docs/shadow.md#what-happens-to-a-request)
             ex.mirror.send(answer.body)
             ex.mirror = None
         if ex.draw is not None and ex.route is not None:  # sampled: parsed by the monitor, off the loop
@@ -585,7 +585,7 @@ class Proxy:
                 ex.bytes_out += len(chunk)
                 await resp.write(chunk)
         except UpstreamFailure as f:
-            # SPEC 8: cut towards the client, no terminating chunk, so it sees it incomplete
+            # docs/reference/http.md: cut towards the client, no terminating chunk, so it sees it incomplete
             ex.error = str(Outcome.STREAM_BROKEN)
             route_name = ex.route.name if ex.route else NO_ROUTE
             self.runtime.metrics.stream_broken.labels(route_name, ex.backend).value += 1
@@ -622,7 +622,7 @@ class Proxy:
 
 
 def _keep(last: Answer | UpstreamFailure | None, got: Answer | UpstreamFailure) -> Answer | UpstreamFailure:
-    """Of two failed tries, the one whose result passes when nothing better comes (SPEC 8):
+    """Of two failed tries, the one whose result passes when nothing better comes (docs/reference/http.md#errors):
     the latest backend answer, else the latest failure. The answer left behind is closed."""
     if isinstance(got, Answer):
         if isinstance(last, Answer) and last is not got:

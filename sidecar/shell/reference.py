@@ -4,7 +4,7 @@ The `sidecar reference` command: read JSON lines written by shell/samplelog.py, 
 one route (and optionally one backend), extract the route's features with its compiled JSON
 paths (request features from `request`, response features from `response` of answers with a
 status under 400, as the monitor does), convert each value as a window would
-(`core.window.as_number` / `as_category`; others skipped) and write SPEC 8's format:
+(`core.window.as_number` / `as_category`; others skipped) and write the format of docs/monitoring.md#references:
 `{"feature": [values, ...], ...}`. Redacted values ("[redacted]") are skipped: a redacted
 feature gives an empty reference, so redact only what is not a feature.
 

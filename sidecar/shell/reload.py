@@ -1,4 +1,4 @@
-"""Hot reload (SPEC 4): watch the config file, SIGHUP, `POST /admin/reload`; validate, then swap.
+"""Hot reload (docs/operations.md#hot-reload): watch the config file, SIGHUP, `POST /admin/reload`; validate, then swap.
 
     reload(reason)   read + validate the whole file (worker thread) -> same version? "unchanged"
                      -> compile a Plan -> settings that need a restart changed? reject

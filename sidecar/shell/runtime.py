@@ -5,7 +5,7 @@ new Runtime and swaps the reference) never changes the config under a request in
 `Runtime.build(plan, metrics, previous)` carries over the state of backends whose config did
 not change (same fingerprint): the whole `Backend` (pools, circuit breaker, outlier
 ejections, health), and the `RouteState` (retry budget) of routes whose fingerprint did not
-change (SPEC 4).
+change (docs/operations.md#hot-reload).
 
 Imports: stdlib, sidecar.config, sidecar.core, sidecar.shell.metrics/backend/health/monitor.
 """

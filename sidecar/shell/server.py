@@ -1,4 +1,4 @@
-"""Lifecycle: listeners, the one TaskGroup, signals and the SIGTERM drain (SPEC 7).
+"""Lifecycle: listeners, the one TaskGroup, signals and the SIGTERM drain (docs/reference/cli.md#signals-and-exit).
 
     run()   bind the proxy and admin sockets -> start background tasks in the TaskGroup ->
             ready -> wait for stop (SIGTERM/SIGINT or request_stop()) -> drain -> cancel
@@ -177,7 +177,7 @@ class Sidecar:
                              for hc in self.proxy.runtime.health_checkers()]
 
     async def _restore_state(self) -> None:
-        """Weight overrides from state_dir; those of routes changed since are dropped (SPEC 8)."""
+        """Weight overrides from state_dir; those of routes changed since are dropped (docs/operations.md)."""
         await asyncio.to_thread(self.overrides.load, self.proxy.runtime.plan)
         self.overrides.apply(self.proxy.runtime, "config changed since the state was saved")
         if self.overrides.dirty:

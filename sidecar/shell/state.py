@@ -4,7 +4,7 @@ What this module owns:
 
 - `Overrides`: per route, the full weights an operator set and the route's fingerprint at
   that time. An override applies only while the route's fingerprint is the same: a reload
-  that changes the route (its split, match, or a backend it uses) clears it (SPEC 8), and
+  that changes the route (its split, match, or a backend it uses) clears it (docs/reference/admin-api.md#weights), and
   so does a restart whose config changed the route since (dropped and logged).
 - Applying: an override becomes a new `core.split.Split` in `runtime.splits[route]`, its
   names in the route's backend order (the proxy indexes `route.backends` by the pick).
@@ -187,7 +187,7 @@ class Overrides:
 
 
 def resolve_state_dir(state_dir: str | None, config_path: Path | None) -> Path | None:
-    """`state_dir` as a path; a relative one is relative to the config file's folder (SPEC 8)."""
+    """`state_dir` as a path; relative to the config file's folder (docs/reference/configuration.md)."""
     if not state_dir:
         return None
     p = Path(state_dir)

@@ -128,7 +128,7 @@ def test_schema_cli_prints_json_schema():
 
 
 def test_yaml_on_off_yes_no_are_strings_not_booleans():
-    """`retry: {on: [...]}` as the SPEC writes it is the key "on", not YAML 1.1's boolean True."""
+    """`retry: {on: [...]}` is the key "on", not YAML 1.1's boolean True (docs/reference/configuration.md#formats)."""
     text = BASE.replace("split: {stable: 95, canary: 5}",
                         "split: {stable: 95, canary: 5}\n    retry:\n      on: [connect-error, 503]")
     cfg, _ = parse_config(text + "access_log: false\n", env={})

@@ -155,7 +155,7 @@ def test_policy_rejects_nonsense(kwargs):
 
 
 class Model:
-    """The SPEC's words, written naively: lists and recounting, no rings."""
+    """The rules of docs/resilience.md#circuit-breaker, written naively: lists and recounting, no rings."""
 
     def __init__(self, p: BreakerPolicy) -> None:
         self.p = p

@@ -1,4 +1,4 @@
-"""Drift statistics against scipy, their properties, and the SPEC 8 verdict rule."""
+"""Drift statistics against scipy, their properties, and the verdict rule (docs/monitoring.md#drift)."""
 
 from __future__ import annotations
 
@@ -229,7 +229,7 @@ def test_significant_but_small_shift_needs_psi_zero_to_count():
 
 
 def test_large_psi_alone_is_not_drift():
-    """With few samples PSI is noisy; without a significant test there is no drift (SPEC 8: AND)."""
+    """With few samples PSI is noisy; without a significant test there is no drift (docs/monitoring.md#drift: AND)."""
     result = judge("x", normal(42, 30), normal(43, 30), categorical=False, policy=DriftPolicy(min_samples=20))
     assert result is not None
     assert result.psi > 0.2

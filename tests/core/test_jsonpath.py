@@ -1,4 +1,4 @@
-"""JSON paths: the SPEC subset, checked against a naive model on generated documents."""
+"""JSON paths: the subset of docs/reference/configuration.md, checked against a naive model on generated documents."""
 
 from __future__ import annotations
 

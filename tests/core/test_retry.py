@@ -15,7 +15,7 @@ from sidecar.core.retry import MIN_TRY_S, NoRetry, RetryPolicy, RetryState, back
 
 
 def make_policy(**changes: object) -> RetryPolicy:
-    """The SPEC's example: attempts 3, on [connect-error, timeout, 502, 503, 504]."""
+    """A typical policy (docs/resilience.md#retries): attempts 3, on [connect-error, timeout, 502, 503, 504]."""
     base = RetryPolicy(
         attempts=3,
         per_try_timeout_s=0.5,

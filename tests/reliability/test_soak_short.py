@@ -17,7 +17,7 @@ async def test_short_soak_loses_nothing_and_leaks_nothing(tmp_path):
     assert s["healthy_at_end"] and s["exit_code"] == 0
     assert s["fds_end_max"] <= s["fds_after_warmup_max"] + 16, s
     assert s["tasks_end_max"] <= s["tasks_after_warmup_max"] + 16, s
-    # RSS over 15 s is noise-dominated; the 10-minute run (README, Reliability) judges it
+    # RSS over 15 s is noise-dominated; the 10-minute run (docs/reliability.md#soak) judges it
     assert s["rss_growth_pct"] is not None and s["rss_growth_pct"] < 25, s
     assert all(s["by_kind"].values()), s["by_kind"]  # every kind was sent and answered
     # the merged capabilities: every rewrite reloaded, every PUT persisted, mirrors counted, log redacted

@@ -391,7 +391,7 @@ async def test_unwritable_sample_log_is_counted_and_proxy_serves(upstreams, make
 
 def test_drift_pass_20x2000_is_fast_and_off_the_loop():
     """A 20-feature x 2000-sample drift pass runs in the worker thread in well under a second,
-    and the event loop keeps ticking meanwhile (figures in the README, Monitoring)."""
+    and the event loop keeps ticking meanwhile (figures in docs/performance.md#monitoring)."""
     import uvloop
 
     rng = np.random.default_rng(0)
