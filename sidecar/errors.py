@@ -1,11 +1,12 @@
 """Errors the sidecar makes itself, each with the HTTP status and type it becomes (docs/reference/http.md#errors).
 
     SidecarError                      (status, type)
-    ├── BadRequest                    400 bad_request          malformed body or framing
+    ├── BadRequest                    400 bad_request          malformed target, body or framing
     ├── NoRoute                       404 no_route
     ├── MethodNotAllowed              405 method_not_allowed   + Allow
     ├── RequestTimeout                408 request_timeout      body not received in time
     ├── BodyTooLarge                  413 body_too_large
+    ├── ExpectationFailed             417 expectation_failed   an Expect other than 100-continue
     ├── UpstreamError                 502 upstream_error       reset, refused, garbage
     ├── UpstreamTimeout               504 upstream_timeout     deadline or try timeout
     ├── NoBackendAvailable            503 no_backend_available + Retry-After
@@ -56,6 +57,10 @@ class MethodNotAllowed(SidecarError):
 
 class BodyTooLarge(SidecarError):
     status, type = 413, "body_too_large"
+
+
+class ExpectationFailed(SidecarError):
+    status, type = 417, "expectation_failed"
 
 
 class UpstreamError(SidecarError):

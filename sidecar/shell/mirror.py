@@ -156,7 +156,7 @@ class MirrorTicket:
         self.backends = backends     # of the request's Runtime: a reload does not move its mirrors
         self.targets = targets
         self.method = method
-        self.raw_path = raw_path
+        self.raw_path = raw_path     # the primary's checked origin-form target, percent-encoded as received
         self.headers = headers       # as sent to the primary, x-request-id included
         self.body = body             # the very bytes object the primary got
         self.request_id = request_id
@@ -221,8 +221,12 @@ class Mirrors:
     # -- the request path ----------------------------------------------------------------------
 
     def select(self, route: RoutePlan, rt: Runtime, request: web.BaseRequest, request_id: str,
-               headers: list[tuple[str, str]], body: bytes) -> MirrorTicket | None:
-        """Which of the route's shadows get a copy of this request; None when none does."""
+               headers: list[tuple[str, str]], body: bytes, *, path: str) -> MirrorTicket | None:
+        """Which of the route's shadows get a copy of this request; None when none does.
+
+        `path`: the checked origin-form target the primary is sent (core/target.py `forward`),
+        never `request.raw_path`: a shadow gets exactly the path its primary got.
+        """
         targets: list[tuple[MirrorPlan, MirrorStats]] | None = None
         for m in route.mirrors:
             key = request.headers.get(m.key_header) if m.key_header is not None else None
@@ -242,7 +246,7 @@ class Mirrors:
         if targets is None:
             return None
         limits = rt.plan.limits
-        return MirrorTicket(self, rt.backends, targets, request.method, request.raw_path, headers, body, request_id,
+        return MirrorTicket(self, rt.backends, targets, request.method, path, headers, body, request_id,
                             max(limits.max_body_bytes, limits.buffer_response_bytes))
 
     def _send(self, ticket: MirrorTicket, primary_body: bytes | None) -> None:

@@ -1,8 +1,14 @@
 """The proxy handler, in phases (as pingora names them):
 
     admit      load shedding at limits.max_inflight                 -> 503 overloaded
-    match      first route by prefix, method, headers               -> 404 / 405
+    match      the request target checked once (core/target.py)     -> 400 / 404 (OPTIONS *)
+               an Expect other than 100-continue                    -> 417
+               first route by prefix, method, headers               -> 404 / 405
+               routes match the target's decoded `path`; every try and mirror sends its
+               `forward` (origin-form, raw): the same checked target, never request.raw_path
     read       the request body, up to limits.max_body_bytes        -> 413 / 408 / 400
+               `Expect: 100-continue`: "100 Continue" goes out just before the body is
+               read, so only once the request passed the checks above
     pick       override header, sticky hash or weighted random, over the backends that are
                available (breaker, health, bulkhead; shell/backend.py)
     forward    a try on one endpoint (shell/upstream.py); a hedge after `hedge_after`
@@ -40,12 +46,15 @@ from sidecar.config.plan import RoutePlan, TryTimeouts
 from sidecar.core.outcome import Outcome, classify_status
 from sidecar.core.retry import MIN_TRY_S, NoRetry, RetryState
 from sidecar.core.split import Split, key_hash
+from sidecar.core.target import Target, TargetError, parse_target
 from sidecar.errors import (
     BadRequest,
     BodyTooLarge,
     ClientDisconnected,
+    ExpectationFailed,
     InternalError,
     NoBackendAvailable,
+    NoRoute,
     Overloaded,
     RequestTimeout,
     SidecarError,
@@ -72,6 +81,7 @@ DROP_REQUEST: Final = HOP_BY_HOP | {"host", "content-length", "expect", "x-forwa
                                     "x-forwarded-proto", "x-forwarded-host", "x-request-id"}
 DROP_RESPONSE: Final = HOP_BY_HOP | {"content-length"}
 NO_ROUTE: Final = "(no_route)"
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 NO_BACKEND: Final = ""
 LOG_EVERY_S: Final = 10.0
 
@@ -111,14 +121,17 @@ class _Cells:
 class Exchange:
     """Per-request state, from arrival to the log line."""
 
-    __slots__ = ("attempts", "backend", "body", "buffer_limit", "bytes_in", "bytes_out", "deadline", "draw",
-                 "error", "mirror", "request_id", "route", "t0", "ttfb_s", "upstream_s")
+    __slots__ = ("attempts", "backend", "body", "buffer_limit", "bytes_in", "bytes_out", "continued", "deadline",
+                 "draw", "error", "mirror", "request_id", "route", "t0", "target", "ttfb_s", "upstream_s")
 
     def __init__(self, request_id: str, t0: float) -> None:
         self.request_id = request_id
         self.t0 = t0  # perf_counter: uvloop's loop.time() has only millisecond resolution
         self.deadline = 0.0  # loop time, what asyncio.timeout_at wants
         self.route: RoutePlan | None = None
+        # the checked request target (match phase); still None after it: refused (or shed)
+        self.target: Target | None = None
+        self.continued = False  # "100 Continue" was sent: the client now sends its body
         self.backend = NO_BACKEND
         self.attempts = 0
         self.body = b""
@@ -130,6 +143,12 @@ class Exchange:
         self.error: str | None = None
         self.upstream_s: float | None = None
         self.ttfb_s: float | None = None
+
+    @property
+    def forward(self) -> str:
+        """What every try and mirror sends after the backend's base path: the checked target."""
+        assert self.target is not None, "forwarding a request whose target was not checked"
+        return self.target.forward
 
 
 def error_response(err: SidecarError, ex: Exchange) -> web.Response:
@@ -148,6 +167,36 @@ def error_response(err: SidecarError, ex: Exchange) -> web.Response:
     ex.error = err.type
     ex.bytes_out = len(body)
     return web.Response(status=err.status, body=body, headers=headers)
+
+
+def _body_may_follow(request: web.BaseRequest, ex: Exchange) -> bool:
+    """An answer made before the body was read, to a client that announced it with Expect and
+    was not told to go on (no 100 Continue): it may still send the body, or never. Where its
+    next request would start cannot be known, so the connection must close after the answer
+    (RFC 9110 10.1.1); aiohttp then reads and drops what arrives for `lingering_time`, so a
+    body that comes anyway does not turn the close into a reset that loses the answer."""
+    return (not ex.continued and "expect" in request.headers and request.body_exists
+            and not request.content.is_eof())
+
+
+def _expects_continue(request: web.BaseRequest) -> bool:
+    """True when the client waits for 100 Continue before it sends its body (RFC 9110 10.1.1).
+
+    An Expect with any other member is refused (417); HTTP/1.0 expectations are ignored, as
+    the RFC says. The backend never sees Expect (DROP_REQUEST): it gets the body, framed.
+    """
+    values = request.headers.getall("expect", None)
+    if values is None or request.version < (1, 1):
+        return False
+    members = {m.strip().lower() for v in values for m in v.split(",")} - {""}
+    if members - {"100-continue"}:
+        raise ExpectationFailed("only the expectation 100-continue is supported")
+    return bool(members) and request.body_exists
+
+
+def _shown(raw_target: str) -> str:
+    """A target as the access log shows one that was not checked (refused or shed): ASCII."""
+    return raw_target.encode("ascii", "backslashreplace").decode("ascii")
 
 
 def _connection_tokens(value: str | None) -> frozenset[str]:
@@ -206,6 +255,8 @@ class Proxy:
         if self.inflight >= rt.plan.limits.max_inflight:
             self._shed.value += 1
             resp: web.StreamResponse = error_response(Overloaded("too many requests in flight"), ex)
+            if _body_may_follow(request, ex):
+                resp.force_close()
             return self._finish(request, resp, ex, rt, perf_counter())
         self.inflight += 1
         try:
@@ -218,7 +269,9 @@ class Proxy:
             except Exception:  # a bug: answer like any sidecar error, log it with context
                 log.exception("internal error on request %s", ex.request_id)
                 resp = error_response(InternalError("internal error in the sidecar"), ex)
-            if self.closing:
+            # a refused target (ex.target None): the client is broken or hostile, and after
+            # CONNECT aiohttp no longer parses the connection; close it
+            if self.closing or ex.target is None or _body_may_follow(request, ex):
                 resp.force_close()
             return self._finish(request, resp, ex, rt, perf_counter())
         finally:
@@ -228,14 +281,23 @@ class Proxy:
                 self._idle = None
 
     async def _handle(self, request: web.BaseRequest, ex: Exchange, rt: Runtime) -> web.StreamResponse:
-        route = ex.route = rt.plan.match(request.method, request.path, request.headers)
-        body = ex.body = await self._read_body(request, rt)
+        try:
+            target = parse_target(request.method, request.raw_path)
+        except TargetError as e:
+            raise (NoRoute if e.status_hint == 404 else BadRequest)(e.reason) from None
+        ex.target = target
+        expect_continue = _expects_continue(request)
+        route = ex.route = rt.plan.match(request.method, target.path, request.headers)
+        # the route's backends get `target.forward`, which a backend's decoding reads as
+        # `target.path` (core/target.py): never a path outside the prefix that matched
+        assert target.path.startswith(route.path_prefix) and target.forward[0] == "/"
+        body = ex.body = await self._read_body(request, rt, ex, expect_continue)
         ex.bytes_in = len(body)
         headers = self._upstream_headers(request, ex)
         # decided once per request, before the first try: which shadows get a copy, whether the
         # payloads are sampled; both need the answer read whole (up to max_body_bytes)
         if route.mirrors:
-            ex.mirror = self.mirrors.select(route, rt, request, ex.request_id, headers, body)
+            ex.mirror = self.mirrors.select(route, rt, request, ex.request_id, headers, body, path=target.forward)
             if ex.mirror is not None:
                 ex.buffer_limit = ex.mirror.buffer_limit
         if route.monitor is not None and (draw := rt.monitor.draw(route)) is not None:
@@ -320,7 +382,7 @@ class Proxy:
         cells = self.cells(route, backend.name)
         t_try = perf_counter()
         try:
-            answer = await backend.try_(ep, request.method, request.raw_path, headers, body,
+            answer = await backend.try_(ep, request.method, ex.forward, headers, body,
                                         headers_deadline, try_deadline, ex.buffer_limit)
         except UpstreamFailure as f:
             ex.upstream_s = perf_counter() - t_try
@@ -463,8 +525,12 @@ class Proxy:
             self._log_sometimes((route, "budget"), "route %s: retry budget spent; %s not retried "
                                 "(counted in sidecar_retry_budget_exhausted_total)", route, outcome)
 
-    async def _read_body(self, request: web.BaseRequest, rt: Runtime) -> bytes:
-        """The whole request body, refusing more than max_body_bytes without reading it all."""
+    async def _read_body(self, request: web.BaseRequest, rt: Runtime, ex: Exchange, expect_continue: bool) -> bytes:
+        """The whole request body, refusing more than max_body_bytes without reading it all.
+
+        `expect_continue`: the client waits for "100 Continue" before it sends the body; it
+        is sent here, after every check that can refuse the request from its head alone.
+        """
         limit = rt.plan.limits.max_body_bytes
         length = request.content_length
         if length is not None and length > limit:
@@ -475,13 +541,21 @@ class Proxy:
         parts: list[bytes] = []
         size = 0
         try:
-            if length is not None:
-                # fast path: a small body usually arrives with the headers; no timer needed
-                first = content.read_nowait(-1)
+            # fast path: a small body usually arrives with the headers; no timer needed
+            first = content.read_nowait(-1)
+            if first:
                 if len(first) == length:
                     return first
-                parts.append(first)
                 size = len(first)
+                if size > limit:  # chunked: more may have arrived than the limit
+                    raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
+                parts.append(first)
+            elif expect_continue and not content.is_eof():
+                # an interim answer (RFC 9110 15.2.1), written as aiohttp's _default_expect_handler
+                # does; output_size back to 0: the final answer has not started
+                await request.writer.write(CONTINUE)
+                request.writer.output_size = 0
+                ex.continued = True
             async with asyncio.timeout(rt.plan.limits.body_timeout):
                 while chunk := await content.readany():
                     size += len(chunk)
@@ -537,7 +611,8 @@ class Proxy:
         out.append(("X-Forwarded-For", f"{xff}, {remote}" if xff else remote))
         proto = src.get("x-forwarded-proto")
         out.append(("X-Forwarded-Proto", f"{proto}, {request.scheme}" if proto else request.scheme))
-        if host := src.get("host"):
+        # RFC 9112 3.2.2: the authority of an absolute-form target is the host, not Host
+        if host := (ex.target.authority if ex.target is not None else None) or src.get("host"):
             fwd_host = src.get("x-forwarded-host")
             out.append(("X-Forwarded-Host", f"{fwd_host}, {host}" if fwd_host else host))
         out.append(("x-request-id", ex.request_id))
@@ -613,8 +688,10 @@ class Proxy:
         if ex.backend:  # rolling latency and errors (shell/monitor.py), every request that reached a backend
             rt.monitor.record(route, ex.backend, duration, resp.status, ex.error)
         if rt.plan.access_log:
+            # the path routes matched; a target that was not checked (refused, shed) as received
+            path = ex.target.path if ex.target is not None else _shown(request.raw_path)
             self.access_log.add((
-                time.time(), ex.request_id, request.method, request.path, route, ex.backend, resp.status,
+                time.time(), ex.request_id, request.method, path, route, ex.backend, resp.status,
                 ex.attempts, duration, ex.upstream_s, ex.ttfb_s, ex.bytes_in,
                 ex.bytes_out, ex.error, request.headers.get("traceparent"),
             ))
