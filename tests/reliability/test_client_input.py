@@ -66,7 +66,7 @@ async def serves_normally(port: int) -> None:
 
 async def metrics_text(sc: Any) -> str:
     reader, writer = await asyncio.open_connection("127.0.0.1", sc.admin_port)
-    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n\r\n" % sc.admin_port)
     text = (await reader.read(-1)).decode()
     writer.close()
     return text

@@ -292,9 +292,13 @@ async def test_statistics_survive_reload_of_unchanged_routes(models, make_sideca
     }
     sc = await make_sidecar(base)
     await drive(client, sc.proxy_url, 80, seed=4)
-    before = await wait_rows(client, sc, {("canary", "score")})
-    n_before = before[("canary", "score")]["n_cur"]
     lat_before = sc.proxy.runtime.monitor.status_json()["routes"]["fraud"]["canary"]["count"]
+    n_before = 5 * lat_before  # every sampled answer judged (5 scores each), not just some
+
+    async def all_judged() -> bool:
+        return bool((await wait_rows(client, sc, {("canary", "score")}))[("canary", "score")]["n_cur"] >= n_before)
+
+    await until(all_judged, timeout_s=10, what="every canary score judged")
 
     def reload(cfg: dict[str, Any]) -> None:
         import yaml
