@@ -309,7 +309,11 @@ def _chi2_from_counts(r: FloatArray, c: FloatArray) -> tuple[float, float, int]:
 
 def _binned_counts(a: FloatArray, b: FloatArray, bins: int) -> tuple[FloatArray, FloatArray]:
     """Counts of a and b in bins cut at a's quantiles (psi_numeric docstring)."""
-    edges = np.unique(np.quantile(a, np.arange(1, bins) / bins))
+    # Linear interpolation between two values near the float maximum overflows (inf, or nan
+    # from inf - inf); such an edge is dropped: the two bins it would split become one.
+    with np.errstate(over="ignore", invalid="ignore"):
+        edges = np.quantile(a, np.arange(1, bins) / bins)
+    edges = np.unique(edges[np.isfinite(edges)])
     nbins = edges.size + 1
     r = np.bincount(np.searchsorted(edges, a, side="right"), minlength=nbins)
     c = np.bincount(np.searchsorted(edges, b, side="right"), minlength=nbins)
