@@ -134,7 +134,7 @@ def test_psi_numeric_is_never_negative(ref, cur):
 
 
 @given(ref=samples, seed=st.integers(0, 2**32 - 1))
-@example(ref=[1.7976931348623157e308, -1.7976931348623157e308, 1.0], seed=0)  # quantiles overflow
+@example(ref=[-1.7976931348623157e308, 1.7976931348623157e308], seed=0)  # quantiles overflow
 @settings(deadline=None)
 def test_psi_numeric_is_zero_on_identical_samples(ref, seed):
     """A backend that sees exactly the reference values shows a PSI of 0."""
