@@ -54,6 +54,7 @@ from sidecar.errors import (
 )
 from sidecar.shell.accesslog import AccessLog
 from sidecar.shell.backend import Backend
+from sidecar.shell.listener import GuardedHandler
 from sidecar.shell.metrics import Cell, HistCell, Metrics
 from sidecar.shell.mirror import Mirrors, MirrorTicket
 from sidecar.shell.runtime import RouteState, Runtime
@@ -579,12 +580,22 @@ class Proxy:
         if self.closing:  # draining: say so before the headers go out
             resp.force_close()
         idle = rt.plan.limits.stream_idle_timeout
+        # a client gone mid-stream closes the answer at once, which frees the backend's
+        # connection now rather than when the stalled stream's idle timeout passes
+        protocol = request.protocol
+        if isinstance(protocol, GuardedHandler):
+            protocol.on_lost = answer.close
         try:
             await resp.prepare(request)
             while chunk := await answer.next_chunk(idle):
                 ex.bytes_out += len(chunk)
                 await resp.write(chunk)
         except UpstreamFailure as f:
+            if request.transport is None or request.transport.is_closing():
+                # the client left (on_lost closed the answer): not the backend's failure
+                ex.error = "client_disconnected"
+                self.runtime.metrics.client_disconnects.labels(ex.route.name if ex.route else NO_ROUTE).value += 1
+                return resp
             # SPEC 8: cut towards the client, no terminating chunk, so it sees it incomplete
             ex.error = str(Outcome.STREAM_BROKEN)
             route_name = ex.route.name if ex.route else NO_ROUTE
@@ -600,6 +611,8 @@ class Proxy:
             ex.error = "client_disconnected"
             self.runtime.metrics.client_disconnects.labels(ex.route.name if ex.route else NO_ROUTE).value += 1
         finally:
+            if isinstance(protocol, GuardedHandler):
+                protocol.on_lost = None
             answer.close()  # no-op when the stream ended normally
         return resp
 
