@@ -133,6 +133,24 @@ class Exchange:
         self.ttfb_s: float | None = None
 
 
+class BufferedAnswer(web.Response):
+    """A backend's answer read whole, which lets go of its body once written.
+
+    aiohttp's connection loop keeps the last response alive until the next request on that
+    connection: an idle keep-alive client would hold a whole answer (up to
+    `buffer_response_bytes`) for `idle_timeout`. Once the body is in the kernel's socket
+    buffer, the process keeps nothing of it.
+    """
+
+    __slots__ = ()
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        try:
+            await super().write_eof(data)
+        finally:
+            self._body = None
+
+
 def error_response(err: SidecarError, ex: Exchange) -> web.Response:
     """SPEC 3.4: a JSON error the sidecar made, with the request id."""
     body = orjson.dumps({"error": {
@@ -571,8 +589,8 @@ class Proxy:
             ex.bytes_out = len(answer.body)
             if request.method == "HEAD":  # the backend's Content-Length describes the GET
                 return web.Response(status=answer.status, headers=self._response_headers(answer, ex, True))
-            return web.Response(status=answer.status, headers=self._response_headers(answer, ex),
-                                body=answer.body)
+            return BufferedAnswer(status=answer.status, headers=self._response_headers(answer, ex),
+                                  body=answer.body)
         # streamed: chunked, large, or an event stream; relayed as each piece arrives
         resp = web.StreamResponse(status=answer.status, headers=self._response_headers(answer, ex))
         if answer.content_length is not None:

@@ -174,6 +174,32 @@ async def test_clients_that_never_read_a_buffered_answer_are_cut(upstreams, make
             s.close()
 
 
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+async def test_idle_clients_after_a_big_buffered_answer_hold_no_memory(upstreams, make_sidecar: MakeSidecar,
+                                                                      client):
+    """Fifty clients that read nothing of a 1 MB answer the kernel took whole: the process keeps
+    none of those answers while the connections idle (before: 1 MB each until idle_timeout)."""
+    big = await upstreams.start(u.big(1_000_000))
+    sc = await make_sidecar({"backends": {"big": {"url": big.url, "max_connections": 64}},
+                             "routes": [_route("big")]})
+    async with client.get(f"{sc.proxy_url}/warm") as r:  # first-use allocations out of the measure
+        await r.read()
+    before = _rss_mib()
+    socks = [await _request_and_never_read(sc.proxy_port, "/big") for _ in range(50)]
+    try:
+        await until(lambda: big.hits >= 51, what="every request answered by the backend")
+        await asyncio.sleep(0.5)  # the answers written
+        grown = _rss_mib() - before
+        assert grown < 20, f"RSS grew by {grown:.0f} MiB for 50 idle clients"
+    finally:
+        for s in socks:
+            s.close()
+
+
 async def test_a_client_gone_during_a_stalled_stream_frees_the_backend_at_once(upstreams,
                                                                               make_sidecar: MakeSidecar, client):
     """The client leaves while the backend's stream is stalled: the backend's connection is freed
