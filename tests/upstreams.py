@@ -720,6 +720,7 @@ class RawServer:
     got_connection: asyncio.Event = field(default_factory=asyncio.Event)
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
 
     async def start(self) -> Self:
         if self._server is None:
@@ -734,8 +735,13 @@ class RawServer:
         if server is None:
             return
         server.close()
+        # close the connections first: a handler blocked in a read then ends by itself
+        # (asyncio's start_server reports a cancelled handler as an unhandled exception)
+        for writer in list(self._writers):
+            writer.transport.abort()
         tasks = list(self._tasks)
-        for task in tasks:
+        _, pending = await asyncio.wait(tasks, timeout=RAW_READ_TIMEOUT_S) if tasks else (set(), set())
+        for task in pending:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await server.wait_closed()
@@ -751,7 +757,8 @@ class RawServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)  # asyncio made this task; we own its end (stop cancels it)
+        self._tasks.add(task)  # asyncio made this task; we own its end (stop ends it)
+        self._writers.add(writer)
         self.connections += 1
         self.got_connection.set()
         try:
@@ -760,6 +767,7 @@ class RawServer:
             pass  # the client left first: that is fine for a fault server
         finally:
             self._tasks.discard(task)
+            self._writers.discard(writer)
             writer.close()
 
 

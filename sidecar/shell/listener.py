@@ -18,9 +18,19 @@ and no cap on connections. This module adds both:
                              of opening, and within this of the first byte of each later
                              head on a keep-alive connection; else it is closed, counted in
                              client_timeouts_total{phase="header"}
+    limits.stream_idle_timeout  a client that reads nothing of its answer for this long (its
+                             transport's write buffer stays over the high-water mark) is
+                             cut: counted in client_timeouts_total{phase="write"}. Cutting
+                             it ends the handler's write with a ConnectionError, which
+                             releases the backend's connection; buffered answers too.
+    client gone              when a client's connection is lost while its answer streams,
+                             the streamed answer is closed at once (`on_lost`), so a stalled
+                             backend stream does not hold its pool slot until
+                             stream_idle_timeout.
 
 Cost: one timer per connection, re-armed every `header_timeout` (not per request), and one
-integer comparison per `data_received` call. Nothing is created per request.
+integer comparison per `data_received` call; a write timer only while the client's write
+buffer is full. Nothing is created per request.
 
 NOTE (approximations, as Envoy's resource_manager_impl.h states its own):
 - A head's clock starts at the first read that finds the connection idle (waiting for a
@@ -41,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -59,15 +70,18 @@ class Listener(web.Server):
     """`web.Server` whose connections are capped and whose request heads have a deadline."""
 
     def __init__(self, handler: Any, *, metrics: Metrics, max_connections: int, header_timeout_s: float,
-                 **kwargs: Any) -> None:
+                 write_timeout_s: Callable[[], float], **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.max_connections = max_connections
         self.header_timeout_s = header_timeout_s
+        self.write_timeout_s = write_timeout_s  # read when a client's writes stall: follows reloads
+        self.write_timeouts: Cell = metrics.client_timeouts.labels("write")
         self.open_connections = 0
         self.shed_connections: Cell = metrics.shed.labels("max_connections")
         self.header_timeouts: Cell = metrics.client_timeouts.labels("header")
         self.malformed: Cell = metrics.malformed_requests.labels()
-        self._warned_at = {"max_connections": -WARN_EVERY_S, "header": -WARN_EVERY_S, "malformed": -WARN_EVERY_S}
+        self._warned_at = {"max_connections": -WARN_EVERY_S, "header": -WARN_EVERY_S, "malformed": -WARN_EVERY_S,
+                           "write": -WARN_EVERY_S}
         metrics.open_connections.read = lambda: [((), float(self.open_connections))]
 
     def __call__(self) -> RequestHandler:
@@ -82,7 +96,7 @@ class Listener(web.Server):
 
 
 class GuardedHandler(RequestHandler):
-    __slots__ = ("_admitted", "_head_since", "_head_timer", "_listener")
+    __slots__ = ("_admitted", "_head_since", "_head_timer", "_listener", "_write_timer", "on_lost")
 
     def __init__(self, listener: Listener, **kwargs: Any) -> None:
         super().__init__(listener, **kwargs)
@@ -90,6 +104,9 @@ class GuardedHandler(RequestHandler):
         self._admitted = False
         self._head_since = 0.0    # loop time a still-incomplete head started; 0.0: none pending
         self._head_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
+        # set by the proxy while an answer streams: called once if the client goes away
+        self.on_lost: Callable[[], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         listener = self._listener
@@ -114,7 +131,35 @@ class GuardedHandler(RequestHandler):
             if self._head_timer is not None:
                 self._head_timer.cancel()
                 self._head_timer = None
+            if self._write_timer is not None:
+                self._write_timer.cancel()
+                self._write_timer = None
+        on_lost, self.on_lost = self.on_lost, None
+        if on_lost is not None:
+            on_lost()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._admitted and self._write_timer is None:
+            self._write_timer = self._loop.call_later(self._listener.write_timeout_s(), self._write_stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_timer is not None:  # the client read something: its clock starts again
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_stalled(self) -> None:
+        self._write_timer = None
+        if not self._admitted or self.transport is None:
+            return
+        listener = self._listener
+        listener.write_timeouts.value += 1
+        listener.warn("write", "closing a connection whose client read nothing of its answer in %.1fs "
+                      "(limits.stream_idle_timeout; further ones are counted in sidecar_client_timeouts_total)",
+                      listener.write_timeout_s())
+        self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         count = self._request_count

@@ -261,7 +261,8 @@ class Metrics:
 
         # connection guards (shell/listener.py) and leak watching
         self.client_timeouts = CounterFamily(
-            "client_timeouts_total", "Client connections closed for being too slow, by phase (header).", ("phase",))
+            "client_timeouts_total", "Client connections closed for being too slow, by phase (header, write).",
+            ("phase",))
         self.malformed_requests = CounterFamily(
             "malformed_requests_total", "Requests refused by the HTTP parser (400, connection closed).", ())
         self.open_connections = CallbackGauge("open_connections", "Open client connections on the proxy listener.", ())

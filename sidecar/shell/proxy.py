@@ -63,6 +63,7 @@ from sidecar.errors import (
 )
 from sidecar.shell.accesslog import AccessLog
 from sidecar.shell.backend import Backend
+from sidecar.shell.listener import GuardedHandler
 from sidecar.shell.metrics import Cell, HistCell, Metrics
 from sidecar.shell.mirror import Mirrors, MirrorTicket
 from sidecar.shell.runtime import RouteState, Runtime
@@ -149,6 +150,24 @@ class Exchange:
         """What every try and mirror sends after the backend's base path: the checked target."""
         assert self.target is not None, "forwarding a request whose target was not checked"
         return self.target.forward
+
+
+class BufferedAnswer(web.Response):
+    """A backend's answer read whole, which lets go of its body once written.
+
+    aiohttp's connection loop keeps the last response alive until the next request on that
+    connection: an idle keep-alive client would hold a whole answer (up to
+    `buffer_response_bytes`) for `idle_timeout`. Once the body is in the kernel's socket
+    buffer, the process keeps nothing of it.
+    """
+
+    __slots__ = ()
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        try:
+            await super().write_eof(data)
+        finally:
+            self._body = None
 
 
 def error_response(err: SidecarError, ex: Exchange) -> web.Response:
@@ -645,8 +664,8 @@ class Proxy:
             ex.bytes_out = len(answer.body)
             if request.method == "HEAD":  # the backend's Content-Length describes the GET
                 return web.Response(status=answer.status, headers=self._response_headers(answer, ex, True))
-            return web.Response(status=answer.status, headers=self._response_headers(answer, ex),
-                                body=answer.body)
+            return BufferedAnswer(status=answer.status, headers=self._response_headers(answer, ex),
+                                  body=answer.body)
         # streamed: chunked, large, or an event stream; relayed as each piece arrives
         resp = web.StreamResponse(status=answer.status, headers=self._response_headers(answer, ex))
         if answer.content_length is not None:
@@ -654,12 +673,22 @@ class Proxy:
         if self.closing:  # draining: say so before the headers go out
             resp.force_close()
         idle = rt.plan.limits.stream_idle_timeout
+        # a client gone mid-stream closes the answer at once, which frees the backend's
+        # connection now rather than when the stalled stream's idle timeout passes
+        protocol = request.protocol
+        if isinstance(protocol, GuardedHandler):
+            protocol.on_lost = answer.close
         try:
             await resp.prepare(request)
             while chunk := await answer.next_chunk(idle):
                 ex.bytes_out += len(chunk)
                 await resp.write(chunk)
         except UpstreamFailure as f:
+            if request.transport is None or request.transport.is_closing():
+                # the client left (on_lost closed the answer): not the backend's failure
+                ex.error = "client_disconnected"
+                self.runtime.metrics.client_disconnects.labels(ex.route.name if ex.route else NO_ROUTE).value += 1
+                return resp
             # docs/reference/http.md: cut towards the client, no terminating chunk, so it sees it incomplete
             ex.error = str(Outcome.STREAM_BROKEN)
             route_name = ex.route.name if ex.route else NO_ROUTE
@@ -675,6 +704,8 @@ class Proxy:
             ex.error = "client_disconnected"
             self.runtime.metrics.client_disconnects.labels(ex.route.name if ex.route else NO_ROUTE).value += 1
         finally:
+            if isinstance(protocol, GuardedHandler):
+                protocol.on_lost = None
             answer.close()  # no-op when the stream ended normally
         return resp
 

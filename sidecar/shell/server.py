@@ -113,7 +113,9 @@ class Sidecar:
         limits = plan.limits
         proxy_server = Listener(  # web.Server + max_connections and header_timeout
             self.proxy, metrics=self.metrics, max_connections=limits.max_connections,
-            header_timeout_s=limits.header_timeout, access_log=None, keepalive_timeout=limits.idle_timeout,
+            header_timeout_s=limits.header_timeout,
+            write_timeout_s=lambda: self.proxy.runtime.plan.limits.stream_idle_timeout,
+            access_log=None, keepalive_timeout=limits.idle_timeout,
             max_line_size=limits.max_header_bytes, max_field_size=limits.max_header_bytes,
             max_headers=limits.max_headers, lingering_time=2.0)
         proxy_runner = web.ServerRunner(proxy_server, handle_signals=False, shutdown_timeout=0.5)

@@ -18,6 +18,20 @@ Shapes:
   refused/unreachable -> connect_error, deadline -> timeout, closed early -> reset, bytes
   that are not HTTP -> protocol_error. Code past this module sees nothing else.
 
+Whose answer is this (the rule that keeps answers with their clients): HTTP/1.1 pairs an
+answer with a request only by order on the connection, so a connection is reused only when
+its answer ended exactly where its framing said and nothing else arrived:
+- any byte after an answer's end, in the same read or later, is a protocol error
+  (core/http1.py) that closes the connection; the answer it followed, if not yet handed
+  on, fails with it (an error on a connection voids the events still queued there);
+- answers to HEAD and 204/304 answers are never reused (an upstream that sends a body
+  after them anyway would have it read as the next client's answer);
+- bytes arriving on an idle connection, or on one handed to a waiting try before its
+  request is written, close it, and the try takes another.
+NOTE (the limit every HTTP/1.1 proxy shares): an unsolicited answer that arrives after the
+next request was written cannot be told apart from that request's answer; the rules above
+close the connection at the first sign of it, which bounds the damage to that one answer.
+
 Timeouts: the caller passes absolute loop-time deadlines; one asyncio Timeout covers a try
 (until the head at `headers_deadline`, then the buffered body until `try_deadline`).
 Streamed chunks get `idle_timeout_s` each. A connection whose response was not read to
@@ -44,8 +58,11 @@ from sidecar.core.outcome import Outcome
 # gunicorn, the servers most models run on, so we rarely send on a connection the server is
 # closing (which, for a POST, is a reset we may not retry).
 POOL_IDLE_S: Final = 4.0
-# A streamed body buffered past this pauses reading from the backend until the client catches up.
+# A streamed body buffered past this many bytes, or this many parser events, pauses reading
+# from the backend until the client catches up. Events are bounded too: each one costs a
+# Python object whatever its size (the parser joins a read's body pieces into one event).
 STREAM_HIGH_WATER: Final = 1024 * 1024
+EVENTS_HIGH_WATER: Final = 64
 _BODYLESS_METHODS: Final = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
 
 
@@ -111,7 +128,8 @@ class _Conn(asyncio.Protocol):
                 if isinstance(ev, bytes):
                     self._buffered += len(ev)
             self._events.extend(events)
-            if self._buffered > STREAM_HIGH_WATER and not self._paused and self.transport is not None:
+            if (self._buffered > STREAM_HIGH_WATER or len(self._events) > EVENTS_HIGH_WATER) \
+                    and not self._paused and self.transport is not None:
                 self._paused = True
                 self.transport.pause_reading()
             self._wake()
@@ -145,6 +163,11 @@ class _Conn(asyncio.Protocol):
             w.set_result(None)
 
     @property
+    def pending(self) -> bool:
+        """Events not yet taken by the try (a reused connection must have none)."""
+        return bool(self._events)
+
+    @property
     def usable(self) -> bool:
         t = self.transport
         return t is not None and not t.is_closing() and self._error is None
@@ -157,6 +180,10 @@ class _Conn(asyncio.Protocol):
         self.transport.writelines(data)
 
     async def next_event(self) -> Event:
+        # An error voids what is still queued: the bytes after an answer's end make the
+        # answer itself suspect (it may be a stray one), so it is not handed on.
+        if self._error is not None:
+            raise self._error
         while not self._events:
             if self._error is not None:
                 raise self._error
@@ -168,7 +195,8 @@ class _Conn(asyncio.Protocol):
         ev = self._events.popleft()
         if isinstance(ev, bytes):
             self._buffered -= len(ev)
-            if self._paused and self._buffered < STREAM_HIGH_WATER // 2 and self.transport is not None:
+            if self._paused and self._buffered < STREAM_HIGH_WATER // 2 and len(self._events) < EVENTS_HIGH_WATER // 2 \
+                    and self.transport is not None:
                 self._paused = False
                 self.transport.resume_reading()
         return ev
@@ -303,7 +331,11 @@ class UpstreamPool:
                         self._wake_waiter()
                 raise
             if handed is not None:
-                return handed
+                if handed.usable:
+                    return handed
+                # bytes arrived (or it closed) after it was handed over: never write on it
+                handed.close()
+                self._open -= 1
         self._open += 1
         try:
             _, conn = await loop.create_connection(_Conn, self._host, self._port, ssl=self._ssl)
@@ -319,7 +351,8 @@ class UpstreamPool:
     def _release(self, conn: _Conn) -> None:
         """A try ended: keep the connection when its answer was complete and it may be reused."""
         head = conn.parser.head
-        if not self._closed and conn.usable and conn.parser.done and head is not None and head.keep_alive:
+        if not self._closed and conn.usable and conn.parser.done and head is not None and head.keep_alive \
+                and not conn.pending:
             while self._waiters:
                 w = self._waiters.popleft()
                 if not w.done():
