@@ -76,7 +76,8 @@ class Script:
                 pieces.append(data[last:cut])
                 last = cut
         pieces.append(data[last:])
-        if m == "extra":  # a whole second answer in the same write as the end of this one
+        if m == "extra" and not close:  # a whole second answer in the same write as the end of this one
+            # (after a close-delimited body the bytes would be body: the body runs to the close)
             pieces[-1] += b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nFOREIGN-xyz"
         return pieces, close
 
@@ -152,6 +153,8 @@ async def _ask(session: aiohttp.ClientSession, url: str, token: str, script: Scr
         own = b""
     if status == script.status and got == own:
         return None
+    if script.mutation == "truncate" and status == script.status and own.startswith(got):
+        return None  # a close-delimited body cut short is a shorter body: the close ends it
     return f"{status} {got[:80]!r} for {script}"
 
 
@@ -178,7 +181,7 @@ async def _scenario(batch: list[Script]) -> list[str]:
         await upstream.server.stop()
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(scripts, min_size=4, max_size=12))
 def test_every_client_gets_its_own_answer_or_an_error(batch: list[Script]):
     """Concurrent clients, random answers through a pool of two: nobody gets another's bytes."""
