@@ -30,10 +30,10 @@ a few ring writes; no scan). Expiry is amortised: the store is ordered by captur
 `expire` pops from the old end and stops at the first entry still young; each entry is
 popped once. Summaries read running sums: O(backends x segment values), never O(items).
 
-Memory: one pending prediction costs about 330 bytes (100,000 pending: ~33 MB), measured
-with tracemalloc and RSS in a fresh process by `python -m bench.feedback_memory`; see
-docs/feedback.md#memory. The memory of recent ids adds at most about 100 bytes per id
-expired or joined in the last `keep` (10 bytes once a generation is rotated).
+Memory: one pending prediction costs 290 to 340 bytes by tracemalloc, 320 to 385 bytes of
+RSS (100,000 pending: ~35 MB), by policy; measured in fresh processes by
+`python3 bench/feedback_memory.py` (docs/feedback.md#memory). The memory of recent ids adds
+about 80 bytes per id expired or joined in the last `keep` (10 once its generation rotates).
 
 Threading: nothing here locks. A tracker and its store belong to ONE thread (the shell's
 feedback worker, or the event loop); readers on another thread take `summary()` /
