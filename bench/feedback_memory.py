@@ -10,11 +10,12 @@ answers (request ids as the proxy makes them: 32 hex characters, a fresh str eac
 them in batches of 1000. Measured there:
 
 - tracemalloc: bytes allocated and still held after the adds, divided by the count: what
-  one pending prediction costs the store (the Pending record, its floats, its id string,
-  the OrderedDict's slot and node); the parsed answers are dropped first;
+  one pending prediction costs the store (its packed record with the id, the int key and
+  the dict's slot, the two order arrays' entries); the parsed answers are dropped first;
 - RSS: the process's VmRSS growth over the same span, which includes the allocator's
   slack and freed-but-kept memory, so it reads a little higher;
-- time per item of `add_many` (capture included) and of `join_many` of 1000 items.
+- time per item of `capture` and of `add_many`, of `join_many` of 1000 items, and of one
+  full garbage collection with everything pending (the store is built to add nothing to it).
 
 Then the memory of recent ids (`RecentIds`, which tells `expired` and `duplicate` from
 `unknown`) is measured the same way for `--pending` ids: held in its current generation (a
@@ -25,6 +26,7 @@ objects are counted in the dict figure (they live as long as the dict).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import subprocess
 import sys
@@ -95,16 +97,25 @@ def child(case_name: str, n: int, traced: bool) -> dict[str, Any]:
     policy = policy_of(CASES[case_name], n)
     tracker = FeedbackTracker(policy, backends=("stable", "canary"))
     if not traced:
+        gc.collect()
+        t0 = time.perf_counter()
+        gc.collect()                                   # a full pass with nothing pending
+        gc0_s = time.perf_counter() - t0
         rss0 = rss_bytes()
         capture_s, add_s = fill(tracker, n)
         rss1 = rss_bytes()
+        gc.collect()
+        t0 = time.perf_counter()
+        gc.collect()                                   # a full pass with everything pending
+        gc_s = time.perf_counter() - t0
         items = [{"request_id": f"{PREFIX}{i:016x}", "label": i % 2} for i in range(BATCH)]
         t0 = time.perf_counter()
         results = tracker.join_many(items, 1001.0)
         join_s = time.perf_counter() - t0
         assert all(r.outcome == "joined" for r in results)
         return {"rss_bytes_per_pending": (rss1 - rss0) / n, "capture_us": capture_s / n * 1e6,
-                "add_many_us": add_s / n * 1e6, "join_many_1000_ms": join_s * 1e3}
+                "add_many_us": add_s / n * 1e6, "join_many_1000_ms": join_s * 1e3, "full_gc_ms": gc_s * 1e3,
+                "full_gc_empty_ms": gc0_s * 1e3}
     tracemalloc.start()
     base, _ = tracemalloc.get_traced_memory()
     fill(tracker, n)
@@ -149,6 +160,7 @@ def main() -> int:
               f"{row['rss_bytes_per_pending']:.0f} B each (RSS growth); "
               f"capture {row['capture_us']:.2f} us, add_many {row['add_many_us']:.2f} us per item, "
               f"join_many of {BATCH}: {row['join_many_1000_ms']:.2f} ms; "
+              f"a full GC pass {row['full_gc_ms']:.1f} ms ({row['full_gc_empty_ms']:.1f} ms with none pending); "
               f"recent ids {row['recent_ids_dict']:.0f} B/id, {row['recent_ids_numpy']:.0f} B/id rotated")
     return 0
 

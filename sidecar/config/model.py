@@ -452,7 +452,7 @@ class FeedbackConfig(_Model):
     keep: Seconds = Field(default=600.0, description="how long a prediction waits for its feedback")
     max_pending: int = Field(
         default=100_000, ge=1, le=10_000_000,
-        description="predictions waiting at most (about 330 bytes each); past it the oldest are dropped "
+        description="predictions waiting at most (about 250 bytes each); past it the oldest are dropped "
                     "and counted")
     segments: dict[Annotated[str, Field(pattern=_FEATURE_NAME, max_length=64)], FeedbackSegmentConfig] = Field(
         default_factory=dict, max_length=MAX_SEGMENTS, description="the metric per segment value, by name")

@@ -26,18 +26,24 @@ Flow (what the shell does with it):
     rollout -> mark = tracker.mark(now) at the step's start; tracker.since(mark) when judging
 
 Costs (STYLE "Hot path"): `add_many` and `join_many` are O(1) per item (a dict operation,
-a few ring writes; no scan). Expiry is amortised: the store is ordered by capture time, so
-`expire` pops from the old end and stops at the first entry still young; each entry is
-popped once. Summaries read running sums: O(backends x segment values), never O(items).
+a struct pack or unpack, a few ring writes; no scan). Expiry is amortised: the adds are
+queued in capture order, so `expire` consumes the queue's old end and stops at the first
+prediction still young; each add is consumed once. Summaries read running sums:
+O(backends x segment values), never O(items). Measured on the shared 2-core VM, loaded:
+capture 3-8 us, add 3-5 us, join 7-16 us per item, so a POST of 1000 items is about 10 ms
+of Python: not for the event loop.
 
-Memory: one pending prediction costs 290 to 340 bytes by tracemalloc, 320 to 385 bytes of
-RSS (100,000 pending: ~35 MB), by policy; measured in fresh processes by
-`python3 bench/feedback_memory.py` (docs/feedback.md#memory). The memory of recent ids adds
-about 80 bytes per id expired or joined in the last `keep` (10 once its generation rotates).
+Memory: one pending prediction costs about 210 bytes by tracemalloc and 250 bytes of RSS
+(100,000 pending: ~25 MB), and nothing of it is seen by the garbage collector, so a full
+collection costs the same with a million pending as with none (LocalPendingStore says how);
+measured in fresh processes by `python3 bench/feedback_memory.py` (docs/feedback.md#memory).
+The memory of recent ids adds about 80 bytes per id expired or joined in the last `keep`
+(10 once its generation rotates).
 
 Threading: nothing here locks. A tracker and its store belong to ONE thread (the shell's
-feedback worker, or the event loop); readers on another thread take `summary()` /
-`since()` results, which are immutable snapshots.
+feedback worker, say), which also orders the work: a batch of captures is added before any
+later join runs, or its feedback reads `unknown`. Readers on other threads take
+`summary()` / `since()` results, which are immutable snapshots.
 
 Imports: the standard library, numpy, sidecar.core.jsonpath and sidecar.core.window.
 """
@@ -45,11 +51,12 @@ Imports: the standard library, numpy, sidecar.core.jsonpath and sidecar.core.win
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+import struct
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Final, Literal, NamedTuple, Protocol
+from typing import Any, ClassVar, Final, Literal, NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -64,6 +71,8 @@ MAX_REQUEST_ID_CHARS: Final = 256     # longer ids are never kept (memory) and a
 # Numbers beyond this magnitude are refused as labels, values and numeric predictions: no model
 # predicts them, and their squares (rmse) would overflow the running sums to inf, then nan.
 MAX_MAGNITUDE: Final = 1e100
+_INT64_MIN: Final = -(2**63)
+_INT64_MAX: Final = 2**63 - 1
 OTHER: Final = "other"                # the segment value of every value not in the config's list
 MISSING_SEGMENT: Final = -1           # Pending.segments entry when the segment's path found nothing usable
 
@@ -121,17 +130,18 @@ def class_key(value: object) -> ClassKey | None:
 
     bool -> 0/1 (so `true`, `1` and `1.0` are one class), int -> itself, integral float ->
     its int, str -> itself (cut to MAX_CATEGORY_CHARS). Anything else (a fractional number,
-    null, a list, an object) is no class: None. A string is never equal to a number: "1" and
-    1 are different classes.
+    an integer outside int64, null, a list, an object) is no class: None. A string is never
+    equal to a number: "1" and 1 are different classes.
     """
     if type(value) is str:
         return value if len(value) <= MAX_CATEGORY_CHARS else value[:MAX_CATEGORY_CHARS]
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, int):
-        return value
+        return value if _INT64_MIN <= value <= _INT64_MAX else None
     if isinstance(value, float):
-        return int(value) if math.isfinite(value) and value.is_integer() else None
+        return int(value) if math.isfinite(value) and value.is_integer() and \
+            _INT64_MIN <= value < -float(_INT64_MIN) else None
     if isinstance(value, str):  # str subclasses
         return class_key(str(value))
     return None
@@ -369,30 +379,77 @@ class PendingStore(Protocol):
     def counts(self) -> StoreCounts: ...
 
 
+# A pending prediction's record, packed into one bytes object (see LocalPendingStore):
+#   head: the add's sequence number (i64), at (f64), score (f64, NaN for none), backend index
+#         (u16), kind of prediction (u8), number of segments (u8), bytes of a string class (u16)
+#   the prediction: 8 bytes, an int64 class or a float64 number (0 when none or a string class)
+#   the segments: one int16 each
+#   a string class, utf-8; then the request id, utf-8 (checked on every join)
+_HEAD: Final = struct.Struct("<qddHBBH")
+_AT: Final = struct.Struct("<d")
+_INT: Final = struct.Struct("<q")
+_AT_OFFSET: Final = 8
+_KIND_NONE, _KIND_INT, _KIND_STR, _KIND_FLOAT = 0, 1, 2, 3
+_SEGMENTS: dict[int, struct.Struct] = {}
+
+
+def _segments_struct(n: int) -> struct.Struct:
+    st = _SEGMENTS.get(n)
+    if st is None:
+        st = _SEGMENTS[n] = struct.Struct(f"<{n}h")
+    return st
+
+
 class LocalPendingStore:
-    """The in-process PendingStore: an OrderedDict request id -> Pending in capture order.
+    """The in-process PendingStore, built so that the garbage collector never sees it.
+
+    Why: a full (generation 2) collection walks every tracked object and every reference held
+    by a tracked container; one pending prediction as a tuple in an ordered dict made a full
+    pass over 1,000,000 pending take about 1.5 s (measured), a stall of the event loop
+    whatever thread owns the store. So nothing here is a tracked object per prediction:
+
+    - `_records`: a plain dict hash(request id) -> bytes. Ints and bytes are not tracked, so
+      CPython keeps the dict itself untracked: a full pass skips it whole (1,000,000
+      pending: under 1 ms). The record (see `_HEAD`) holds the request id, so a join checks
+      it: an id never joins another id's prediction.
+    - `_order_hash`, `_order_seq`: two `array`s (raw int64) of the adds in capture order,
+      each add's id hash and sequence number: the expiry queue. `_start` is its front.
+      Entries whose prediction was joined or replaced stay until they reach the front
+      (stale: their record is gone, or holds another sequence number) or until a compaction
+      drops them.
 
     Invariants:
-    - `_pending` is ordered by `Pending.at`, oldest first: entries are appended with
-      `at` clamped to the newest seen so far (a capture that arrives late is kept as if
-      captured then: it may wait slightly longer than `keep`, never shorter).
-    - len(_pending) <= max_pending after every call.
-    - An id leaves `_pending` exactly once per add: joined (remembered in `_joined`),
-      expired or dropped (remembered in `_expired`), or replaced by a newer add.
-    OrderedDict, not dict: popping the oldest is O(1) (`popitem(last=False)`), where a plain
-    dict's first-item lookup walks over every slot deleted before it. It costs about 50
-    bytes an entry more than a dict (measured; docs/feedback.md#memory).
+    - Records' `at`, in the order of their entries, is non-decreasing: an add's `at` is
+      clamped to the newest seen so far (a capture handed in late is kept as if captured
+      then: it may wait slightly longer than `keep`, never shorter). So the oldest live
+      record is the first live entry from `_start`, and expiry stops at the first young one.
+    - Every record has exactly one live entry: the one with its hash and sequence number.
+    - len(_records) <= max_pending after every call.
+    - Compaction keeps the arrays within 2 x len(_records) + `compact_slack` entries past
+      `_start`, and `_start` within half of them: each compaction is O(entries) and comes after as many
+      cheap calls, so adds and expiry stay O(1) amortised.
+
+    NOTE: two different request ids with the same 64-bit hash (Python's `hash(str)`, stable
+    within the process) cannot both be pending: the newer replaces the older, counted as
+    replaced, and a feedback for the older reads `unknown` (the record's id is checked).
+    The chance is about pending / 2**64 per add.
     """
 
-    __slots__ = ("_backend_index", "_backends", "_expired", "_joined", "_last_at", "_pending", "added_total",
-                 "dropped_total", "expired_total", "keep_s", "max_pending", "replaced_total")
+    __slots__ = ("_backend_index", "_backends", "_expired", "_joined", "_last_at", "_order_hash", "_order_seq",
+                 "_records", "_start", "added_total", "dropped_total", "expired_total", "keep_s", "max_pending",
+                 "replaced_total")
+
+    compact_slack: ClassVar[int] = 4096     # see the invariants; tests lower it to compact often
 
     def __init__(self, keep_s: float, max_pending: int) -> None:
         if not keep_s > 0 or max_pending < 1:
             raise ValueError(f"keep_s must be > 0 and max_pending >= 1, got {keep_s}, {max_pending}")
         self.keep_s = keep_s
         self.max_pending = max_pending
-        self._pending: OrderedDict[str, Pending] = OrderedDict()
+        self._records: dict[int, bytes] = {}
+        self._order_hash = array("q")
+        self._order_seq = array("q")
+        self._start = 0
         self._expired = RecentIds(keep_s, max_pending)
         self._joined = RecentIds(keep_s, max_pending)
         self._backends: list[str] = []
@@ -404,7 +461,7 @@ class LocalPendingStore:
         self.dropped_total = 0
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return len(self._records)
 
     def __repr__(self) -> str:
         return (f"LocalPendingStore(keep_s={self.keep_s}, max_pending={self.max_pending}, pending={len(self)}, "
@@ -413,27 +470,93 @@ class LocalPendingStore:
     def _index(self, backend: str) -> int:
         i = self._backend_index.get(backend)
         if i is None:
+            if len(self._backends) >= 0xFFFF:
+                raise ValueError("more than 65535 backends")
             i = self._backend_index[backend] = len(self._backends)
             self._backends.append(backend)
         return i
 
+    # -- records ------------------------------------------------------------------------------
+
+    def _pack(self, request_id: str, p: Pending, seq: int, at: float) -> bytes:
+        predicted, cls = p.predicted, b""
+        if predicted is None:
+            kind, value = _KIND_NONE, _INT.pack(0)
+        elif isinstance(predicted, str):
+            kind, value, cls = _KIND_STR, _INT.pack(0), predicted.encode("utf-8", "surrogatepass")
+        elif isinstance(predicted, int):
+            kind, value = _KIND_INT, _INT.pack(predicted)       # class_key keeps ints within int64
+        else:
+            kind, value = _KIND_FLOAT, _AT.pack(predicted)
+        segments = p.segments
+        head = _HEAD.pack(seq, at, math.nan if p.score is None else p.score, self._index(p.backend), kind,
+                          len(segments), len(cls))
+        return b"".join((head, value, _segments_struct(len(segments)).pack(*segments), cls,
+                         request_id.encode("utf-8", "surrogatepass")))
+
+    def _unpack(self, record: bytes, request_id: str) -> Pending | None:
+        """The record's Pending, or None when it belongs to another request id (a hash collision)."""
+        _, at, score, backend, kind, n_segments, n_cls = _HEAD.unpack_from(record)
+        offset = _HEAD.size
+        predicted: ClassKey | float | None = None
+        if kind == _KIND_INT:
+            predicted = _INT.unpack_from(record, offset)[0]
+        elif kind == _KIND_FLOAT:
+            predicted = _AT.unpack_from(record, offset)[0]
+        offset += 8
+        segments: tuple[int, ...] = _segments_struct(n_segments).unpack_from(record, offset)
+        offset += 2 * n_segments
+        if kind == _KIND_STR:
+            predicted = record[offset:offset + n_cls].decode("utf-8", "surrogatepass")
+        offset += n_cls
+        if record[offset:] != request_id.encode("utf-8", "surrogatepass"):
+            return None
+        return Pending(self._backends[backend], at, predicted, None if score != score else score, segments)
+
+    def _backend_of(self, record: bytes) -> int:
+        return int(_HEAD.unpack_from(record)[3])
+
+    def _live(self, i: int) -> bytes | None:
+        """Order entry i's record, or None when the entry is stale (its add was joined,
+        expired, dropped or replaced)."""
+        record = self._records.get(self._order_hash[i])
+        return record if record is not None and _INT.unpack_from(record)[0] == self._order_seq[i] else None
+
+    # -- the PendingStore calls -----------------------------------------------------------------
+
     def add_many(self, items: Iterable[tuple[str, Pending]], now: float) -> None:
         self.expire(now)
-        pending = self._pending
+        records = self._records
         for request_id, p in items:
-            if request_id in pending:
-                del pending[request_id]
+            h = hash(request_id)
+            if h in records:
+                del records[h]                      # its order entry goes stale
                 self.replaced_total += 1
-            elif len(pending) >= self.max_pending:
-                old_id, old = pending.popitem(last=False)
-                self._expired.remember(hash(old_id), self._index(old.backend), now)
-                self.dropped_total += 1
-            if p.at < self._last_at:
-                p = p._replace(at=self._last_at)
-            else:
-                self._last_at = p.at
-            pending[request_id] = p
+            elif len(records) >= self.max_pending:
+                self._drop_oldest(now)
+            at = p.at if p.at >= self._last_at else self._last_at
+            self._last_at = at
+            seq = self.added_total
+            records[h] = self._pack(request_id, p, seq, at)
+            self._order_hash.append(h)
+            self._order_seq.append(seq)
             self.added_total += 1
+        self._compact()
+
+    def _drop_oldest(self, now: float) -> None:
+        """max_pending: push out the oldest live prediction, remembered as expired."""
+        order_hash, n = self._order_hash, len(self._order_hash)
+        i = self._start
+        while i < n:
+            record = self._live(i)
+            i += 1
+            if record is not None:
+                h = order_hash[i - 1]
+                del self._records[h]
+                self._expired.remember(h, self._backend_of(record), now)
+                self.dropped_total += 1
+                break
+        self._start = i
 
     def join_many(self, request_ids: Sequence[str], now: float) -> list[Pending | Miss]:
         self.expire(now)
@@ -444,12 +567,14 @@ class LocalPendingStore:
         prev_joined = self._joined.previous(hashes)
         prev_expired = self._expired.previous(hashes)
         out: list[Pending | Miss] = []
-        pending, backends = self._pending, self._backends
+        records, backends = self._records, self._backends
         for k, request_id in enumerate(request_ids):
             h = hashes[k]
-            p = pending.pop(request_id, None)
+            record = records.get(h)
+            p = self._unpack(record, request_id) if record is not None else None
             if p is not None:
-                self._joined.remember(h, self._index(p.backend), now)
+                del records[h]                      # its order entry goes stale
+                self._joined.remember(h, self._backend_index[p.backend], now)
                 out.append(p)
                 continue
             b = self._joined.current(h)
@@ -462,26 +587,44 @@ class LocalPendingStore:
             if b is None and prev_expired[k] >= 0:
                 b = int(prev_expired[k])
             out.append(Miss(JoinOutcome.EXPIRED, backends[b]) if b is not None else Miss(JoinOutcome.UNKNOWN, None))
+        self._compact()
         return out
 
     def expire(self, now: float) -> int:
-        pending, keep_s = self._pending, self.keep_s
-        n = 0
-        while pending:
-            request_id = next(iter(pending))          # O(1) on an OrderedDict
-            p = pending[request_id]
-            if now - p.at < keep_s:                   # the oldest is young: so are all the others
-                break
-            del pending[request_id]
-            self._expired.remember(hash(request_id), self._index(p.backend), now)
-            n += 1
+        order_hash, keep_s, records = self._order_hash, self.keep_s, self._records
+        i, end, n = self._start, len(order_hash), 0
+        while i < end:
+            record = self._live(i)
+            if record is not None:
+                if now - _AT.unpack_from(record, _AT_OFFSET)[0] < keep_s:
+                    break                               # the oldest is young: so is every later one
+                h = order_hash[i]
+                del records[h]
+                self._expired.remember(h, self._backend_of(record), now)
+                n += 1
+            i += 1                                      # expired, or a stale entry: consumed
+        self._start = i
         self.expired_total += n
         self._expired.rotate(now)
         self._joined.rotate(now)
+        self._compact()
         return n
 
+    def _compact(self) -> None:
+        """Drop the order arrays' consumed front and their stale entries (see the invariants)."""
+        waiting = len(self._order_hash) - self._start
+        if waiting > 2 * len(self._records) + self.compact_slack:
+            keep = [i for i in range(self._start, len(self._order_hash)) if self._live(i) is not None]
+            self._order_hash = array("q", (self._order_hash[i] for i in keep))
+            self._order_seq = array("q", (self._order_seq[i] for i in keep))
+            self._start = 0
+        elif self._start > self.compact_slack and self._start > waiting:
+            del self._order_hash[: self._start]
+            del self._order_seq[: self._start]
+            self._start = 0
+
     def counts(self) -> StoreCounts:
-        return StoreCounts(pending=len(self._pending), added_total=self.added_total,
+        return StoreCounts(pending=len(self._records), added_total=self.added_total,
                            replaced_total=self.replaced_total, expired_total=self.expired_total,
                            dropped_total=self.dropped_total, remembered=len(self._expired) + len(self._joined))
 
@@ -505,7 +648,7 @@ class TermWindow:
         if size < 1:
             raise ValueError(f"window size must be at least 1, got {size}")
         self.size = size
-        self._ring: list[float] = [0.0] * size
+        self._ring = array("d", bytes(8 * size))   # raw doubles: 8 bytes a slot, nothing for the GC to walk
         self._next = 0
         self._count = 0
         self._sum = 0.0
@@ -544,8 +687,8 @@ class TermWindow:
     def terms(self) -> list[float]:
         """The window's terms, oldest first (for tests and debugging; O(size))."""
         if self._count < self.size:
-            return self._ring[: self._count]
-        return self._ring[self._next:] + self._ring[: self._next]
+            return self._ring[: self._count].tolist()
+        return (self._ring[self._next:] + self._ring[: self._next]).tolist()
 
 
 @dataclass(frozen=True, slots=True)

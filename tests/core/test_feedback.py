@@ -3,6 +3,7 @@ metrics per backend and segment, the step view, and a state machine against a br
 
 from __future__ import annotations
 
+import gc
 import math
 from typing import Any
 
@@ -315,7 +316,7 @@ def test_string_classes_without_threshold():
 def test_class_keys():
     """Booleans, integers and integral floats compare by value; strings by text; other values are no class."""
     assert [class_key(v) for v in (True, False, 3, 3.0, "3", "x" * 300)] == [1, 0, 3, 3, "3", "x" * 256]
-    assert [class_key(v) for v in (0.5, None, [1], {"a": 1}, math.inf)] == [None] * 5
+    assert [class_key(v) for v in (0.5, None, [1], {"a": 1}, math.inf, 2**63, 1e300)] == [None] * 7
 
 
 def test_mae_and_rmse_against_numeric_labels():
@@ -495,6 +496,52 @@ def test_summary_json_shape():
     assert b["segments"][0] == {"segment": "country", "value": "US", "count": 1, "metric": 1.0, "too_small": True}
 
 
+def test_pending_predictions_are_invisible_to_the_garbage_collector():
+    """However many predictions wait, a full garbage collection has none of them to walk (no event-loop stall)."""
+    t = FeedbackTracker(policy(threshold=0.5, segments=(COUNTRY,), max_pending=20_000))
+    gc.collect()
+    before = len(gc.get_objects())
+    for start in range(0, 20_000, 1000):
+        t.add_many([(f"r{i}", t.capture("stable", 0.0, request(), answer(0.7))) for i in range(start, start + 1000)],
+                   0.0)
+    gc.collect()
+    assert len(gc.get_objects()) - before < 50
+    assert t.store.counts().pending == 20_000
+
+
+def test_a_join_checks_the_request_id_not_only_its_hash():
+    """A record found under an id's hash but made for another id is not joined (a hash collision reads unknown)."""
+    store = LocalPendingStore(keep_s=10.0, max_pending=10)
+    store.add_many([("a", Pending("stable", 0.0, "fraud", None, (0, -1)))], 0.0)
+    store._records[hash("b")] = store._records.pop(hash("a"))      # as if "a" and "b" had the same hash
+    assert store.join_many(["b"], 1.0) == [Miss(JoinOutcome.UNKNOWN, None)]
+    store._records[hash("a")] = store._records.pop(hash("b"))
+    assert store.join_many(["a"], 1.0) == [Pending("stable", 0.0, "fraud", None, (0, -1))]
+
+
+@pytest.mark.parametrize("predicted", [None, 7, -(2**63), 2.5, "fraud", "\udcff surrogate", ""])
+def test_records_keep_every_kind_of_prediction(predicted: Any):
+    """What a store gives back on a join is what was captured: classes, numbers, none, segments."""
+    store = LocalPendingStore(keep_s=10.0, max_pending=10)
+    p = Pending("canary", 3.25, predicted, 0.75 if predicted is not None else None, (2, -1, 0))
+    store.add_many([("id-\u00e9", p)], 3.25)
+    assert store.join_many(["id-\u00e9"], 4.0) == [p]
+
+
+def test_order_arrays_stay_bounded_under_quick_joins():
+    """Predictions joined as fast as they come leave no growing backlog behind them."""
+
+    class Tight(LocalPendingStore):
+        compact_slack = 8
+
+    store = Tight(keep_s=1e9, max_pending=1000)
+    for i in range(5000):
+        store.add_many([(f"r{i}", Pending("s", float(i), 1, None, ()))], float(i))
+        assert store.join_many([f"r{i}"], float(i))[0] == Pending("s", float(i), 1, None, ())
+        assert len(store._order_hash) - store._start <= 2 * len(store) + 8 + 1
+        assert store._start <= max(8, len(store._order_hash) - store._start) + 1
+
+
 def test_reprs():
     """reprs say the state at a glance."""
     store = LocalPendingStore(keep_s=1.0, max_pending=2)
@@ -532,13 +579,19 @@ class Model:
 COUNTRIES = ["US", "DE", "FR", "BR", None]
 
 
+class TightStore(LocalPendingStore):
+    """Compacts its order arrays as soon as it may, so that short runs exercise compaction."""
+
+    compact_slack = 1
+
+
 class FeedbackMachine(RuleBasedStateMachine):
     """Random answers, posts and waits; the tracker must agree with the model after each step."""
 
     @initialize(max_pending=st.integers(1, 12), window=st.integers(1, 6), keep_s=st.sampled_from([5.0, 30.0]))
     def setup(self, max_pending: int, window: int, keep_s: float) -> None:
         self.p = policy(max_pending=max_pending, window=window, keep_s=keep_s, segments=(COUNTRY,))
-        self.t = FeedbackTracker(self.p)
+        self.t = FeedbackTracker(self.p, store=TightStore(keep_s, max_pending))
         self.model = Model(self.p)
         self.ms = 0
         self.next_id = 0
