@@ -37,8 +37,7 @@ Memory: one pending prediction costs about 210 bytes by tracemalloc and 250 byte
 (100,000 pending: ~25 MB), and nothing of it is seen by the garbage collector, so a full
 collection costs the same with a million pending as with none (LocalPendingStore says how);
 measured in fresh processes by `python3 bench/feedback_memory.py` (docs/feedback.md#memory).
-The memory of recent ids adds about 80 bytes per id expired or joined in the last `keep`
-(10 once its generation rotates).
+The memory of recent ids adds about 20 bytes per id expired or joined in the last `keep`.
 
 Threading: nothing here locks. A tracker and its store belong to ONE thread (the shell's
 feedback worker, say), which also orders the work: a batch of captures is added before any
@@ -53,6 +52,7 @@ from __future__ import annotations
 import math
 import struct
 from array import array
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -263,42 +263,52 @@ class FeedbackPolicy:
 class RecentIds:
     """Ids seen recently (by 64-bit hash), each with a small int (the backend's index).
 
-    Two generations: `remember` writes into the current one, a dict {hash: backend index}.
-    `rotate(now)` turns the current generation into the previous one (two sorted numpy
-    arrays: 10 bytes an id instead of about 100) once it is `keep_s` old or holds `capacity`
-    ids, and drops a previous generation that was closed `keep_s` ago.
+    `remember` writes into the current generation, a dict {hash: backend index} (about 80
+    bytes an id, the int included). `rotate(now)` closes it once it is `keep_s /
+    generations` old or holds `capacity / generations` ids: it becomes a chunk, two sorted
+    numpy arrays (10 bytes an id), looked up a batch at a time with `searchsorted`. A chunk
+    is dropped `keep_s` after it was closed. So at most 1/`generations` of the remembered
+    ids cost a dict slot: about 20 bytes an id on average.
 
     NOTE, the approximations (what `expired` and `duplicate` can get wrong):
-    - Time: an id is remembered for at least `keep_s` and at most about 2 x `keep_s` (plus
-      the time between two `rotate` calls); after that a post for it reads `unknown`.
-    - Count: a generation rotates early once it holds `capacity` ids, so when more than
-      `capacity` ids are remembered within `keep_s` (an expiry storm), the oldest are
-      forgotten early. Memory is bounded by 2 x `capacity` ids plus one batch.
+    - Time: an id is remembered for at least `keep_s` and at most about
+      `keep_s` x (1 + 1/generations), plus the time between two `rotate` calls; after that
+      a post for it reads `unknown`.
+    - Count: past `capacity` ids remembered, the oldest chunks are dropped early, so in an
+      expiry storm (more than `capacity` ids given up within `keep_s`) the oldest are
+      forgotten before `keep_s`. Memory is bounded by about `capacity` ids plus one batch.
     - Hashes: Python's `hash(str)`, 64 bits, stable within the process (which is all this
       memory lives in; a fleet's store keeps its own). An unknown id reads `expired` or
-      `duplicate` only when its hash collides with a remembered one: about n / 2**64.
+      `duplicate` only when its hash collides with a remembered one's: about n / 2**64.
+    The dict, the ints and the arrays are all invisible to the garbage collector.
     """
 
-    __slots__ = ("_current", "_current_since", "_prev_backends", "_prev_closed", "_prev_hashes",
-                 "capacity", "keep_s")
+    __slots__ = ("_chunk_ids", "_chunk_max", "_chunks", "_current", "_current_since", "_span_s", "capacity",
+                 "keep_s")
 
-    def __init__(self, keep_s: float, capacity: int) -> None:
+    def __init__(self, keep_s: float, capacity: int, generations: int = 8) -> None:
+        if not keep_s > 0 or capacity < 1 or generations < 1:
+            raise ValueError(f"need keep_s > 0, capacity >= 1, generations >= 1; got {keep_s}, {capacity}, "
+                             f"{generations}")
         self.keep_s = keep_s
         self.capacity = capacity
+        self._span_s = keep_s / generations
+        self._chunk_max = max(1, capacity // generations)
         self._current: dict[int, int] = {}
         self._current_since = 0.0
-        self._prev_hashes: npt.NDArray[np.int64] = np.empty(0, dtype=np.int64)
-        self._prev_backends: npt.NDArray[np.int16] = np.empty(0, dtype=np.int16)
-        self._prev_closed = 0.0
+        # (closed at, sorted hashes, their backend indexes), oldest first
+        self._chunks: deque[tuple[float, npt.NDArray[np.int64], npt.NDArray[np.int16]]] = deque()
+        self._chunk_ids = 0
 
     def __len__(self) -> int:
-        return len(self._current) + len(self._prev_hashes)
+        return len(self._current) + self._chunk_ids
 
     def __repr__(self) -> str:
-        return f"RecentIds(keep_s={self.keep_s}, current={len(self._current)}, previous={len(self._prev_hashes)})"
+        return (f"RecentIds(keep_s={self.keep_s}, current={len(self._current)}, chunks={len(self._chunks)}, "
+                f"in_chunks={self._chunk_ids})")
 
     def remember(self, h: int, backend: int, now: float) -> None:
-        """Remember one id's hash. Never rotates: lookups within a batch see one previous generation."""
+        """Remember one id's hash. Never rotates: lookups within a batch see the same chunks."""
         if not self._current:
             self._current_since = now
         self._current[h] = backend
@@ -308,29 +318,32 @@ class RecentIds:
         return self._current.get(h)
 
     def previous(self, hashes: Sequence[int]) -> npt.NDArray[np.int16]:
-        """For each hash, the backend index in the previous generation, or -1 (one numpy call)."""
-        prev = self._prev_hashes
-        if not len(prev) or not hashes:
-            return np.full(len(hashes), -1, dtype=np.int16)
+        """For each hash, its backend index in the closed chunks, or -1 (one numpy call a chunk)."""
+        out = np.full(len(hashes), -1, dtype=np.int16)
+        if not self._chunks or not hashes:
+            return out
         q = np.fromiter(hashes, dtype=np.int64, count=len(hashes))
-        pos = np.searchsorted(prev, q)
-        pos_clipped = np.minimum(pos, len(prev) - 1)
-        found = prev[pos_clipped] == q
-        return np.where(found, self._prev_backends[pos_clipped], -1).astype(np.int16)
+        for _, chunk, backends in self._chunks:
+            pos = np.minimum(np.searchsorted(chunk, q), len(chunk) - 1)
+            found = chunk[pos] == q
+            out[found] = backends[pos[found]]
+        return out
 
     def rotate(self, now: float) -> None:
         """Age the generations (see the class docstring); O(1) unless a generation turns over."""
-        if len(self._prev_hashes) and now - self._prev_closed >= self.keep_s:
-            self._prev_hashes = np.empty(0, dtype=np.int64)
-            self._prev_backends = np.empty(0, dtype=np.int16)
+        chunks = self._chunks
+        while chunks and now - chunks[0][0] >= self.keep_s:
+            self._chunk_ids -= len(chunks.popleft()[1])
         cur = self._current
-        if cur and (now - self._current_since >= self.keep_s or len(cur) >= self.capacity):
+        if cur and (now - self._current_since >= self._span_s or len(cur) >= self._chunk_max):
             hashes = np.fromiter(cur.keys(), dtype=np.int64, count=len(cur))
             backends = np.fromiter(cur.values(), dtype=np.int16, count=len(cur))
             order = np.argsort(hashes, kind="stable")
-            self._prev_hashes, self._prev_backends = hashes[order], backends[order]
-            self._prev_closed = now
+            chunks.append((now, hashes[order], backends[order]))
+            self._chunk_ids += len(cur)
             self._current = {}
+        while self._chunk_ids > self.capacity and len(chunks) > 1:
+            self._chunk_ids -= len(chunks.popleft()[1])    # an expiry storm: forget the oldest early
 
 
 # --- the pending-predictions store -----------------------------------------------------------

@@ -200,34 +200,29 @@ def test_invalid_items_say_why(metric: str, item: dict[str, Any], message: str):
     assert (result.outcome, result.message) == (JoinOutcome.INVALID, message)
 
 
-def test_expired_and_duplicate_are_remembered_between_keep_and_twice_keep():
-    """After `keep` an expired or joined id is still recognised; after about twice `keep` it reads `unknown`."""
-    t = FeedbackTracker(policy(keep_s=10.0))
+def test_expired_and_duplicate_are_remembered_for_about_keep():
+    """For at least `keep` an expired or joined id is recognised; a little later it reads `unknown`."""
+    t = FeedbackTracker(policy(keep_s=8.0))            # generations of 1 s
     add(t, "late", "stable", 1, now=0.0)
     add(t, "twice", "stable", 1, now=0.0)
     assert post(t, 1.0, {"request_id": "twice", "label": 1}) == ["joined"]
-    t.expire(10.0)                                     # "late" expires; the generations start at 1 and 10
-    assert post(t, 19.0, {"request_id": "late", "label": 1}, {"request_id": "twice", "label": 1}) == [
+    t.expire(8.0)                                      # "late" expires; "twice"'s generation closes
+    assert post(t, 15.9, {"request_id": "late", "label": 1}, {"request_id": "twice", "label": 1}) == [
         "expired", "duplicate"]
-    t.expire(20.0)                                     # both generations rotate into numpy arrays
-    assert post(t, 25.0, {"request_id": "late", "label": 1}, {"request_id": "twice", "label": 1}) == [
-        "expired", "duplicate"]
-    t.expire(30.0)                                     # closed 10 s ago: forgotten
-    assert post(t, 30.0, {"request_id": "late", "label": 1}, {"request_id": "twice", "label": 1}) == [
-        "unknown", "unknown"]
+    assert post(t, 16.0, {"request_id": "late", "label": 1}, {"request_id": "twice", "label": 1}) == [
+        "expired", "unknown"]                          # "twice": joined 15 s ago, closed 8 s ago
+    assert post(t, 24.0, {"request_id": "late", "label": 1}) == ["unknown"]   # closed at 15.9
 
 
-def test_recent_ids_rotate_early_when_full():
-    """The memory of recent ids holds at most two generations of `capacity` ids."""
-    r = RecentIds(keep_s=100.0, capacity=3)
-    for i in range(3):
-        r.remember(hash(f"id{i}"), 0, 0.0)
-    r.rotate(1.0)                                      # full: rotated although young
-    for i in range(3, 6):
-        r.remember(hash(f"id{i}"), 1, 1.0)
-    r.rotate(2.0)                                      # full again: the first three are forgotten
-    assert len(r) == 3
-    assert list(r.previous([hash("id0"), hash("id4"), hash("nope")])) == [-1, 1, -1]
+def test_recent_ids_are_bounded_by_capacity():
+    """The memory of recent ids holds about `capacity` ids: past it the oldest are forgotten early."""
+    r = RecentIds(keep_s=100.0, capacity=4, generations=2)    # chunks of 2 ids
+    for i in range(8):
+        r.remember(hash(f"id{i}"), i % 3, float(i))
+        r.rotate(float(i))
+    assert len(r) == 4
+    assert list(r.previous([hash("id0"), hash("id3"), hash("id7"), hash("nope")])) == [-1, -1, 1, -1]
+    assert r.current(hash("id7")) is None and repr(r) == "RecentIds(keep_s=100.0, current=0, chunks=2, in_chunks=4)"
 
 
 def test_missing_prediction_is_counted_and_not_kept():
@@ -547,7 +542,7 @@ def test_reprs():
     store = LocalPendingStore(keep_s=1.0, max_pending=2)
     assert repr(store) == ("LocalPendingStore(keep_s=1.0, max_pending=2, pending=0, expired_total=0, "
                            "dropped_total=0)")
-    assert repr(RecentIds(1.0, 2)) == "RecentIds(keep_s=1.0, current=0, previous=0)"
+    assert repr(RecentIds(1.0, 2)) == "RecentIds(keep_s=1.0, current=0, chunks=0, in_chunks=0)"
 
 
 # ------------------------------------------------------------------------------------------------
