@@ -154,11 +154,12 @@ def bounded_number(value: object) -> float | None:
 
 
 class Pending(NamedTuple):
-    """One answered request's prediction, waiting for its feedback: what the store keeps.
+    """One answered request's prediction, waiting for its feedback: what a store keeps.
 
-    A NamedTuple: the smallest record CPython offers with named fields, and plain data that a
-    Redis-backed store can serialise. `predicted` is a class key (accuracy), a float (mae,
-    rmse) or None (no usable prediction; always for `mean` without a prediction path).
+    Plain data: the local store packs it into bytes, a Redis-backed one would serialise it.
+    Short-lived as an object (made by `capture`, packed by `add_many`, unpacked by a join).
+    `predicted` is a class key (accuracy), a float (mae, rmse) or None (no usable
+    prediction; always for `mean`).
     `segments` holds, per `policy.segments`, the index of the value in its `values` list,
     `len(values)` for `other`, or MISSING_SEGMENT.
     """
