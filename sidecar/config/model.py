@@ -35,7 +35,9 @@ from pydantic import (
     model_validator,
 )
 
+from sidecar.core.feedback import OTHER
 from sidecar.core.jsonpath import compile_path
+from sidecar.core.window import as_category
 from sidecar.errors import ConfigIssue
 
 # --- scalar types -------------------------------------------------------------------------
@@ -365,6 +367,97 @@ class MonitorConfig(_Model):
                              f"({self.drift.min_samples}), or no verdict is ever reached")
         return self
 
+# --- feedback (ground truth joined to predictions; docs/feedback.md) -------------------------
+
+# NOTE: the shell does not serve `feedback` yet (no capture in the proxy, no feedback
+# endpoint, no admin view). Until it does, a config holding the section is refused with
+# this explanation rather than accepted without effect (docs/feedback.md#status). The change
+# that wires the shell sets this to True.
+FEEDBACK_SERVED: bool = False
+MAX_SEGMENTS: Final = 16
+MAX_SEGMENT_VALUES: Final = 100
+MAX_SEGMENT_VALUE_CHARS: Final = 64
+
+
+def _check_one_value_path(value: str) -> str:
+    if compile_path(value).is_multi:
+        raise ValueError(f"{value!r} may find several values, but this is one value per request: "
+                         "use an index such as [0] instead of [*]")
+    return value
+
+
+OneValuePathText = Annotated[str, AfterValidator(_check_json_path), AfterValidator(_check_one_value_path)]
+
+
+def _check_feedback_path(value: str) -> str:
+    if "?" in value:
+        raise ValueError(f"invalid path {value!r}: the feedback path takes no query")
+    return value
+
+
+def _segment_value_type(value: Any) -> Any:
+    """One clear error for a value of no usable type (instead of one per member of the union)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, str | int):      # bool is an int
+        raise ValueError(f"segment value {value!r}: use a string, an integer or a boolean")
+    return value
+
+
+SegmentValue = Annotated[str | int | bool, BeforeValidator(_segment_value_type)]
+
+
+def _check_segment_values(values: list[str | int | bool]) -> list[str | int | bool]:
+    """Values are compared as text (`1`, `1.0` and `"1"` are one value): distinct, short, not `other`."""
+    seen: dict[str, str | int | bool] = {}
+    for v in values:
+        text = as_category(v)
+        if not text or len(text) > MAX_SEGMENT_VALUE_CHARS:
+            raise ValueError(f"segment value {v!r}: use a string of 1 to {MAX_SEGMENT_VALUE_CHARS} characters, "
+                             "an integer or a boolean")
+        if text == OTHER:
+            raise ValueError(f"{OTHER!r} names every value not in this list; it cannot be one of them")
+        if text in seen:
+            raise ValueError(f"{seen[text]!r} and {v!r} are the same segment value")
+        seen[text] = v
+    return values
+
+
+class PredictionConfig(_Model):
+    path: OneValuePathText = Field(
+        description="JSON path to the one value the answer predicts: a class, a score or a number, "
+                    "e.g. '$.predictions[0]'")
+    threshold: float | None = Field(
+        default=None, allow_inf_nan=False,
+        description="metric accuracy: a score at or above this is class 1, below it class 0")
+
+
+class FeedbackSegmentConfig(_Model):
+    model_config = ConfigDict(extra="forbid", frozen=True, serialize_by_alias=True)
+    source: Literal["request", "response"] = Field(alias="from", description="which body the path reads")
+    path: OneValuePathText = Field(description="JSON path to the segment's value, e.g. '$.instances[0].country'")
+    values: Annotated[list[SegmentValue], AfterValidator(_check_segment_values)] = Field(
+        min_length=1, max_length=MAX_SEGMENT_VALUES,
+        description="the values judged apart; every other value counts as 'other'")
+
+
+class FeedbackConfig(_Model):
+    path: Annotated[HttpPath, AfterValidator(_check_feedback_path)] = Field(
+        description="POST feedback here, on the main listener; the sidecar's own path, never forwarded")
+    prediction: PredictionConfig | None = Field(
+        default=None, description="where the answer holds its prediction; needed unless metric is mean")
+    metric: Literal["accuracy", "mae", "rmse", "mean"] = Field(
+        default="accuracy", description="accuracy (class equals label), mae or rmse (numeric label), "
+                                        "or mean (of a posted numeric value: a business metric)")
+    keep: Seconds = Field(default=600.0, description="how long a prediction waits for its feedback")
+    max_pending: int = Field(
+        default=100_000, ge=1, le=10_000_000,
+        description="predictions waiting at most (about 250 bytes each); past it the oldest are dropped "
+                    "and counted")
+    segments: dict[Annotated[str, Field(pattern=_FEATURE_NAME, max_length=64)], FeedbackSegmentConfig] = Field(
+        default_factory=dict, max_length=MAX_SEGMENTS, description="the metric per segment value, by name")
+
+
 RETRY_ON_WORDS = frozenset({"connect-error", "timeout", "reset", "5xx"})
 
 
@@ -438,6 +531,8 @@ class RouteConfig(_Model):
     retry: RetryConfig | None = Field(default=None, description="without it a route makes one try")
     fallback: list[FallbackConfig] = Field(
         default_factory=list, description="tried in order when the split cannot produce a good answer")
+    feedback: FeedbackConfig | None = Field(
+        default=None, description="ground truth posted later, joined to predictions by request id")
 
 
 class Config(_Model):
@@ -529,6 +624,7 @@ def reference_issues(doc: Config | Mapping[str, Any]) -> list[ConfigIssue]:
 
     seen: dict[str, int] = {}
     log_paths: dict[str, str] = {}  # sample log path -> place of its first use
+    feedback_paths: dict[str, str] = {}  # feedback path -> place of the route that takes it
     for name in known:
         backend = backends[name]
         if _is_node(backend) and (_get(backend, "url") is None) == (_get(backend, "endpoints") is None):
@@ -562,6 +658,7 @@ def reference_issues(doc: Config | Mapping[str, Any]) -> list[ConfigIssue]:
             if isinstance(shadow, str) and shadow in shadows[:j]:
                 issues.append(ConfigIssue(f"{place}.mirror[{j}].backend", f"backend {shadow!r} is mirrored twice"))
         issues.extend(_monitor_issues(place, route, log_paths))
+        issues.extend(_feedback_issues(place, route, feedback_paths))
         fallback = _items(_get(route, "fallback"))
         for j, item in enumerate(fallback):
             if not _is_node(item):
@@ -593,6 +690,41 @@ def _monitor_issues(place: str, route: Any, log_paths: dict[str, str]) -> list[C
             issues.append(ConfigIssue(f"{place}.monitor.log.path",
                                       f"sample log {log_path!r} is already used by {log_paths[log_path]}"))
         log_paths.setdefault(log_path, f"{place}.monitor.log.path")
+    return issues
+
+
+_FEEDBACK_METRICS: Final = ("accuracy", "mae", "rmse", "mean")
+
+
+def _feedback_issues(place: str, route: Any, feedback_paths: dict[str, str]) -> list[ConfigIssue]:
+    """Not served yet; a prediction for the metrics that need one; a threshold only for
+    accuracy; one route per feedback path."""
+    fb = _get(route, "feedback")
+    if not _is_node(fb):
+        return []
+    where = f"{place}.feedback"
+    issues: list[ConfigIssue] = []
+    if not FEEDBACK_SERVED:
+        issues.append(ConfigIssue(where, "not served by this version yet (docs/feedback.md#status): the "
+                                         "section would have no effect, so it is refused; remove it"))
+    metric = _get(fb, "metric")
+    metric = "accuracy" if metric is None else metric     # absent from a raw mapping: the default
+    prediction = _get(fb, "prediction")
+    if metric in _FEEDBACK_METRICS and metric != "mean" and prediction is None:
+        issues.append(ConfigIssue(where, f"metric {metric!r} needs `prediction: {{path: ...}}`: where the answer "
+                                         "holds the predicted class or number"))
+    threshold = _get(prediction, "threshold") if _is_node(prediction) else None
+    if metric in _FEEDBACK_METRICS and metric != "accuracy" and isinstance(threshold, int | float) \
+            and not isinstance(threshold, bool):
+        issues.append(ConfigIssue(f"{where}.prediction.threshold",
+                                  f"a threshold turns scores into classes: only for metric accuracy "
+                                  f"(metric is {metric!r})"))
+    path = _get(fb, "path")
+    if isinstance(path, str):
+        if path in feedback_paths:
+            issues.append(ConfigIssue(f"{where}.path",
+                                      f"{path!r} is already the feedback path of {feedback_paths[path]}"))
+        feedback_paths.setdefault(path, place)
     return issues
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -21,6 +21,7 @@ from sidecar.config.model import (
     BackendConfig,
     Config,
     DrainConfig,
+    FeedbackConfig,
     LimitsConfig,
     MonitorConfig,
     RetryConfig,
@@ -30,9 +31,11 @@ from sidecar.config.model import (
 from sidecar.core.balance import Balance, OutlierPolicy
 from sidecar.core.breaker import BreakerPolicy
 from sidecar.core.drift import DriftPolicy
+from sidecar.core.feedback import DEFAULT_WINDOW, FeedbackPolicy, Metric, SegmentPolicy
 from sidecar.core.jsonpath import JsonPath, compile_path
 from sidecar.core.retry import RetryPolicy
 from sidecar.core.split import Split
+from sidecar.core.window import as_category
 from sidecar.errors import MethodNotAllowed, NoRoute
 
 if TYPE_CHECKING:
@@ -244,6 +247,49 @@ class MonitorPlan:
             fingerprint=_fingerprint(cfg.model_dump(mode="json"), str(base_dir)),
         )
 
+# --- feedback (ground truth joined to predictions) -----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackPlan:
+    """A route's `feedback` section, compiled (docs/feedback.md). NOT wired into the shell yet
+    (config/model.py's FEEDBACK_SERVED); what each part is for:
+
+    - the proxy: for every answered request of the route, read the answer whole (up to
+      `limits.max_body_bytes`), and hand (backend, request id, monotonic time, request body
+      when `needs_request`, answer body) to whoever owns the tracker, which parses them and
+      calls `FeedbackTracker.capture` and `add_many` in batches;
+    - the main listener: `POST {path}` goes to `FeedbackTracker.join_many`, before route
+      matching (the feedback path wins over any route prefix);
+    - the tracker: `FeedbackTracker(policy, backends=route.backends)`, kept across a reload
+      while `fingerprint` is the same.
+    """
+
+    route: str
+    path: str                    # the URL path feedback is POSTed to, on the main listener
+    policy: FeedbackPolicy       # metric, threshold, keep, max_pending, window, compiled paths, segments
+    needs_request: bool          # some segment reads the request body
+    fingerprint: str             # what the tracker's state depends on: the section and the window
+
+    @classmethod
+    def build(cls, route: str, cfg: FeedbackConfig, window: int) -> FeedbackPlan:
+        pred = cfg.prediction
+        segments = tuple(
+            SegmentPolicy(name=name, source=seg.source, path=compile_path(seg.path),
+                          values=tuple(str(as_category(v)) for v in seg.values))
+            for name, seg in cfg.segments.items())
+        policy = FeedbackPolicy(
+            metric=Metric(cfg.metric),
+            keep_s=cfg.keep,
+            max_pending=cfg.max_pending,
+            window=window,
+            prediction_path=compile_path(pred.path) if pred is not None else None,
+            threshold=pred.threshold if pred is not None else None,
+            segments=segments,
+        )
+        return cls(route=route, path=cfg.path, policy=policy,
+                   needs_request=any(s.source == "request" for s in segments),
+                   fingerprint=_fingerprint(cfg.model_dump(mode="json"), window))
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,6 +361,7 @@ class RoutePlan:
     fingerprint: str
     mirrors: tuple[MirrorPlan, ...] = ()   # shadows, in config order
     monitor: MonitorPlan | None = None
+    feedback: FeedbackPlan | None = None
 
     @classmethod
     def build(cls, cfg: RouteConfig, backends: Mapping[str, BackendPlan],
@@ -355,6 +402,9 @@ class RoutePlan:
             fingerprint=_fingerprint(cfg.model_dump(mode="json"), [backends[b].fingerprint for b in used]),
             mirrors=tuple(MirrorPlan.build(cfg.name, m, backends, redact) for m in cfg.mirror),
             monitor=monitor,
+            # the rolling metrics cover `monitor.window` joined items (docs/feedback.md#metrics)
+            feedback=FeedbackPlan.build(cfg.name, cfg.feedback, cfg.monitor.window if cfg.monitor is not None
+                                        else DEFAULT_WINDOW) if cfg.feedback is not None else None,
         )
 
     @property
@@ -384,6 +434,8 @@ class Plan:
     backends: Mapping[str, BackendPlan]
     routes: tuple[RoutePlan, ...]
     routes_by_name: Mapping[str, RoutePlan]
+    # POST paths of the routes' feedback sections (unique: config/model.py checks it)
+    feedback_by_path: Mapping[str, FeedbackPlan] = field(default_factory=dict)
 
     @classmethod
     def build(cls, loaded: LoadedConfig) -> Plan:
@@ -404,6 +456,7 @@ class Plan:
             backends=backends,
             routes=routes,
             routes_by_name={r.name: r for r in routes},
+            feedback_by_path={r.feedback.path: r.feedback for r in routes if r.feedback is not None},
         )
 
     def match(self, method: str, path: str, headers: Mapping[str, str]) -> RoutePlan:
