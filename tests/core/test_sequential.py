@@ -181,6 +181,40 @@ def test_a_canary_5x_worse_fails_fast(sc, median_s, p95_s):
     assert np.percentile(first, 95) <= p95_s
 
 
+def peeking_z_test(sc: Scenario, seed: int, alpha: float = ALPHA) -> float:
+    """Share of rollouts a fixed-horizon two-proportion z-test fails when it is looked at every second.
+
+    The counterfactual behind `errors: sequential`: the same simulated traffic, the canary's
+    and baseline's cumulative failure rates compared by the pooled one-sided z-test at
+    level alpha after each second (once every expected cell is at least 5, as the
+    two_proportion gate requires), failing the first time it is significant.
+    """
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(seed)
+    seconds = len(STEPS) * STEP_S
+    weight = np.repeat(np.asarray(STEPS, dtype=np.float64) / 100.0, STEP_S)
+    tries = rng.poisson(sc.rate_per_s, size=(sc.rollouts, seconds))
+    n_c = rng.binomial(tries, weight)
+    n_b = tries - n_c
+    x_c = np.cumsum(rng.binomial(n_c, sc.p_canary), axis=1).astype(np.float64)
+    x_b = np.cumsum(rng.binomial(n_b, sc.p_baseline), axis=1).astype(np.float64)
+    c, b = np.cumsum(n_c, axis=1).astype(np.float64), np.cumsum(n_b, axis=1).astype(np.float64)
+    c, b = c[:, :-STEP_S], b[:, :-STEP_S]  # the last step has no baseline
+    x_c, x_b = x_c[:, :-STEP_S], x_b[:, :-STEP_S]
+    pooled = (x_c + x_b) / (c + b)
+    se = np.sqrt(pooled * (1 - pooled) * (1 / np.maximum(c, 1) + 1 / np.maximum(b, 1)))
+    z = np.divide(x_c / np.maximum(c, 1) - x_b / np.maximum(b, 1), se, out=np.zeros_like(se), where=se > 0)
+    # Only where the z-test's own rule (every expected cell >= 5) lets it judge: no small-count excuse.
+    valid = np.minimum(c, b) * np.minimum(x_c + x_b, c + b - x_c - x_b) / (c + b) >= 5
+    return float(((norm.sf(z) < alpha) & valid).any(axis=1).mean())
+
+
+def test_a_fixed_horizon_test_looked_at_every_second_does_not_hold_alpha():
+    """Why the sequential test exists: a z-test peeked at every second fails an equal canary far too often."""
+    assert peeking_z_test(Scenario("peek", 1000, 0.01, 0.01, 1000), seed=18) > 3 * ALPHA
+
+
 def test_simulation_runs_the_states_code():
     """The vectorised simulation and SequentialState.update, second by second, reach the same evidence."""
     policy = SequentialPolicy(ALPHA)
@@ -208,6 +242,9 @@ def main() -> None:
         first = simulate(sc, seed=17)
         print(f"worse | {sc.name:50s} | {sc.rollouts} rollouts | caught {np.isfinite(first).mean():.4f} | "
               f"median {np.median(first):.0f}s, p95 {np.percentile(first, 95):.0f}s, max {first.max():.0f}s")
+    peek = Scenario("equal error rates, 1%, 1000 req/s", 1000, 0.01, 0.01, 1000)
+    print(f"peek  | {peek.name:50s} | {peek.rollouts} rollouts | a z-test looked at every second fails "
+          f"{peeking_z_test(peek, seed=18):.4f}")
 
 
 if __name__ == "__main__":
