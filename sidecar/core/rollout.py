@@ -435,6 +435,11 @@ class RolloutState:
             raise ValueError(f"rollout state: {e}") from e
         if st.step < 0:
             raise ValueError(f"rollout state: step {st.step}")
+        times = (st.started_at, st.step_started_at, st.judge_at, st.bake_started_at or 0.0)
+        if not all(math.isfinite(t) for t in times):
+            raise ValueError(f"rollout state: times must be finite, got {times}")
+        if min(st.seen) < 0:
+            raise ValueError(f"rollout state: seen {st.seen}")
         if (st.state is State.PAUSED) != (st.paused_from in (State.PROGRESSING, State.BAKING)):
             raise ValueError(f"rollout state: {st.state} with paused_from {st.paused_from}")
         return st

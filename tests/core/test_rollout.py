@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
@@ -539,6 +539,35 @@ def test_state_round_trips_through_json():
         RolloutState.from_dict({**d, "version": 2})
     with pytest.raises(ValueError, match="paused_from"):
         RolloutState.from_dict({**d, "paused_from": None})
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                                        max_size=3), max_leaves=5)
+
+
+def _saved_state() -> dict[str, Any]:
+    gates = GatePolicy(min_requests=0, compare_errors=CompareErrors.SEQUENTIAL, max_error_rate=0.5)
+    pb = Playbook(policy(gates=gates)).walk_to(2)
+    return pb.state.to_dict()
+
+
+SAVED = _saved_state()
+
+
+@given(key=st.sampled_from(sorted(SAVED)), value=json_values)
+@settings(deadline=None, max_examples=200)
+def test_a_damaged_saved_state_is_refused_or_read(key, value):
+    """A saved state with any field replaced by any JSON value either reads back or is refused with ValueError."""
+    damaged = {**SAVED, key: value}
+    try:
+        s = RolloutState.from_dict(damaged)
+    except ValueError:
+        return
+    assert RolloutState.from_dict(s.to_dict()) == s
+    r = boot(policy(gates=GatePolicy(min_requests=0, compare_errors=CompareErrors.SEQUENTIAL, max_error_rate=0.5)),
+             damaged, 500.0)
+    assert r.state.state in State
 
 
 def test_decisions_are_bounded():
