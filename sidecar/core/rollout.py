@@ -528,7 +528,8 @@ def next_check_at(policy: RolloutPolicy, state: RolloutState, now: float) -> flo
     """When the shell should tick next: the next judgement, or a second away for the sequential test."""
     if state.state.terminal:
         return None
-    if policy.gates.sequential is not None:
+    # The sequential test learns nothing at a step without baseline traffic: no ticks for it.
+    if policy.gates.sequential is not None and policy.steps[state.step] < 100:
         return min(state.judge_at, now + EVERY_S)
     return state.judge_at
 
