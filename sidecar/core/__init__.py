@@ -1,8 +1,10 @@
 """Pure decision logic: splitting, outcomes, breakers, budgets, retries, balancing, JSON
-paths, comparison, rolling windows and drift statistics.
+paths, comparison, rolling windows, drift statistics, and progressive rollout (gates, the
+sequential error test, the rollout state machine).
 
 Nothing here awaits, logs or touches a socket. Allowed imports: the standard library,
-numpy, and scipy.stats (lazily, inside drift functions). Clocks (`now`, monotonic seconds)
-and random sources (`rng`, a callable returning floats in [0, 1)) are passed in, so every
-module is tested deterministically without sockets. tests/test_layering.py enforces this.
+numpy, and scipy.stats (lazily, inside the drift and gate functions that need a p-value).
+Clocks (`now`, monotonic seconds; wall-clock seconds in rollout.py, whose state outlives the
+process) and random sources (`rng`, a callable returning floats in [0, 1)) are passed in, so
+every module is tested deterministically without sockets. tests/test_layering.py enforces this.
 """
