@@ -72,7 +72,7 @@ async def test_no_request_data_in_metric_labels(upstreams, make_sidecar: MakeSid
     allowed = {"route": {"r", "down", "(no_route)"},
                "backend": {"stable", "canary", "shadow", "down", "fallback:response", ""},
                "reason": {"max_inflight", "max_connections", *map(str, NoRetry), *DROP_REASONS},
-               "phase": {"header"},
+               "phase": {"header", "write"},
                "outcome": set(map(str, Outcome)) | set(OUTCOMES), "kind": {"backend", "response"},
                "result": {"ok", "unchanged", "error"}, "quantile": {"0.5", "0.95", "0.99"},
                "feature": {"f"}, "test": {"ks", "chi2"}, "endpoint": {"0", "1"}}
