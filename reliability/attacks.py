@@ -47,6 +47,7 @@ from reliability.common import metric, rss_mib, start_process
 from tests import desync
 from tests import upstreams as u
 
+ATTACKS = ["desync", "chunks", "stalled"]
 HERE = str(Path(__file__).resolve().parents[1])  # this checkout
 
 
@@ -207,12 +208,14 @@ async def attack_stalled(workdir: Path, pythonpath: str | None, clients: int, si
 
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("attacks", nargs="*", default=["desync", "chunks", "stalled"],
-                    choices=["desync", "chunks", "stalled"])
+    ap.add_argument("attacks", nargs="*", metavar="ATTACK", help=f"any of {', '.join(ATTACKS)} (default: all)")
     ap.add_argument("--requests", type=int, default=10_000, help="desync: requests in all (16 clients)")
     ap.add_argument("--clients", type=int, default=100, help="stalled: clients that read nothing")
     ap.add_argument("--sidecar-path", help="run the sidecar from this checkout (PYTHONPATH) instead")
     args = ap.parse_args()
+    args.attacks = args.attacks or ATTACKS
+    if unknown := set(args.attacks) - set(ATTACKS):
+        ap.error(f"unknown attack {', '.join(sorted(unknown))}: choose from {', '.join(ATTACKS)}")
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

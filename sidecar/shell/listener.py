@@ -22,7 +22,12 @@ and no cap on connections. This module adds both:
                              transport's write buffer stays over the high-water mark) is
                              cut: counted in client_timeouts_total{phase="write"}. Cutting
                              it ends the handler's write with a ConnectionError, which
-                             releases the backend's connection; buffered answers too.
+                             releases the backend's connection; buffered answers too. An
+                             answer of 64 KiB or more that the kernel's socket buffer took
+                             whole (up to 4 MiB with Linux's defaults) is watched the same
+                             way through the kernel's unacknowledged byte count (SIOCOUTQ):
+                             a client that reads none of it for this long is cut, so it
+                             does not idle on until `idle_timeout` holding kernel memory.
     client gone              when a client's connection is lost while its answer streams,
                              the streamed answer is closed at once (`on_lost`), so a stalled
                              backend stream does not hold its pool slot until
@@ -49,10 +54,14 @@ Imports: stdlib, aiohttp, sidecar.shell.metrics.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import re
+import sys
+import termios
+from array import array
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import orjson
 from aiohttp import web
@@ -64,6 +73,25 @@ log = logging.getLogger("sidecar.listener")
 WARN_EVERY_S = 10.0  # at most one warning per this many seconds per kind of refusal
 # aiohttp's parser messages quote the offending bytes after a colon; we keep only the words
 _QUOTED = re.compile(r":\s*(?:\n|b'|b\"|bytearray\().*", re.S)
+
+
+# Linux's SIOCOUTQ (= TIOCOUTQ): bytes in a socket's send queue not yet acknowledged
+_OUTQ: Final = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
+# answers below this are not watched once the kernel has them: they cost no memory worth a syscall
+WATCH_UNSENT_BYTES: Final = 64 * 1024
+
+
+def kernel_unsent(transport: asyncio.BaseTransport) -> int:
+    """Bytes of this connection the kernel still holds unacknowledged (0 where unknown)."""
+    sock = transport.get_extra_info("socket")
+    if _OUTQ is None or sock is None:
+        return 0
+    buf = array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), _OUTQ, buf)
+    except OSError:
+        return 0
+    return buf[0]
 
 
 class Listener(web.Server):
@@ -96,7 +124,7 @@ class Listener(web.Server):
 
 
 class GuardedHandler(RequestHandler):
-    __slots__ = ("_admitted", "_head_since", "_head_timer", "_listener", "_write_timer", "on_lost")
+    __slots__ = ("_admitted", "_head_since", "_head_timer", "_listener", "_unsent", "_write_timer", "on_lost")
 
     def __init__(self, listener: Listener, **kwargs: Any) -> None:
         super().__init__(listener, **kwargs)
@@ -105,6 +133,7 @@ class GuardedHandler(RequestHandler):
         self._head_since = 0.0    # loop time a still-incomplete head started; 0.0: none pending
         self._head_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
+        self._unsent = 0          # bytes the kernel held at the last look (watch_unsent)
         # set by the proxy while an answer streams: called once if the client goes away
         self.on_lost: Callable[[], None] | None = None
 
@@ -149,6 +178,31 @@ class GuardedHandler(RequestHandler):
         if self._write_timer is not None:  # the client read something: its clock starts again
             self._write_timer.cancel()
             self._write_timer = None
+
+    def watch_unsent(self) -> None:
+        """A large answer was handed to the kernel whole: cut the client if it reads none of
+        what the kernel still holds within the write timeout (see the module docstring)."""
+        transport = self.transport
+        if not self._admitted or transport is None or self._write_timer is not None:
+            return
+        unsent = kernel_unsent(transport)
+        if unsent:
+            self._unsent = unsent
+            self._write_timer = self._loop.call_later(self._listener.write_timeout_s(), self._check_unsent)
+
+    def _check_unsent(self) -> None:
+        self._write_timer = None
+        transport = self.transport
+        if not self._admitted or transport is None:
+            return
+        unsent = kernel_unsent(transport)
+        if not unsent:
+            return
+        if unsent < self._unsent:  # the client reads, slowly: its clock starts again
+            self._unsent = unsent
+            self._write_timer = self._loop.call_later(self._listener.write_timeout_s(), self._check_unsent)
+            return
+        self._write_stalled()
 
     def _write_stalled(self) -> None:
         self._write_timer = None

@@ -63,7 +63,7 @@ from sidecar.errors import (
 )
 from sidecar.shell.accesslog import AccessLog
 from sidecar.shell.backend import Backend
-from sidecar.shell.listener import GuardedHandler
+from sidecar.shell.listener import WATCH_UNSENT_BYTES, GuardedHandler
 from sidecar.shell.metrics import Cell, HistCell, Metrics
 from sidecar.shell.mirror import Mirrors, MirrorTicket
 from sidecar.shell.runtime import RouteState, Runtime
@@ -164,8 +164,11 @@ class BufferedAnswer(web.Response):
     __slots__ = ()
 
     async def write_eof(self, data: bytes = b"") -> None:
+        body, protocol = self._body, self._req.protocol if self._req is not None else None  # gone after
         try:
             await super().write_eof(data)
+            if isinstance(body, bytes) and len(body) >= WATCH_UNSENT_BYTES and isinstance(protocol, GuardedHandler):
+                protocol.watch_unsent()  # the kernel may hold much of it: the client must read it
         finally:
             self._body = None
 
@@ -706,6 +709,8 @@ class Proxy:
         finally:
             if isinstance(protocol, GuardedHandler):
                 protocol.on_lost = None
+                if ex.bytes_out >= WATCH_UNSENT_BYTES:
+                    protocol.watch_unsent()
             answer.close()  # no-op when the stream ended normally
         return resp
 

@@ -182,9 +182,11 @@ def _rss_mib() -> float:
 async def test_idle_clients_after_a_big_buffered_answer_hold_no_memory(upstreams, make_sidecar: MakeSidecar,
                                                                       client):
     """Fifty clients that read nothing of a 1 MB answer the kernel took whole: the process keeps
-    none of those answers while the connections idle (before: 1 MB each until idle_timeout)."""
+    none of those answers (before: 1 MB each until idle_timeout), and they are cut after
+    stream_idle_timeout (before: left open until idle_timeout)."""
     big = await upstreams.start(u.big(1_000_000))
-    sc = await make_sidecar({"backends": {"big": {"url": big.url, "max_connections": 64}},
+    sc = await make_sidecar({"limits": {"stream_idle_timeout": "1s"},
+                             "backends": {"big": {"url": big.url, "max_connections": 64}},
                              "routes": [_route("big")]})
     async with client.get(f"{sc.proxy_url}/warm") as r:  # first-use allocations out of the measure
         await r.read()
@@ -195,6 +197,12 @@ async def test_idle_clients_after_a_big_buffered_answer_hold_no_memory(upstreams
         await asyncio.sleep(0.5)  # the answers written
         grown = _rss_mib() - before
         assert grown < 20, f"RSS grew by {grown:.0f} MiB for 50 idle clients"
+
+        async def cut() -> bool:
+            return await _metric(client, sc.admin_url, "sidecar_client_timeouts_total", 'phase="write"') == 50
+
+        await until(cut, timeout_s=6, what="every client that read nothing cut")
+        assert all(_closed_by_peer(s) for s in socks)
     finally:
         for s in socks:
             s.close()
