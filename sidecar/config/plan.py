@@ -276,11 +276,9 @@ def _timeouts(retry: RetryConfig | None, backend: BackendPlan) -> TryTimeouts:
 def _retry_policy(cfg: RouteConfig) -> RetryPolicy:
     r = cfg.retry
     if r is None:
-        return RetryPolicy.single(cfg.timeout)
-    per_try = r.per_try_timeout or cfg.timeout   # informative: the per-backend TryTimeouts decide
+        return RetryPolicy.single()
     return RetryPolicy(
         attempts=r.attempts,
-        per_try_timeout_s=per_try,
         on_connect_error="connect-error" in r.on,
         on_timeout="timeout" in r.on,
         on_reset="reset" in r.on,
@@ -289,7 +287,6 @@ def _retry_policy(cfg: RouteConfig) -> RetryPolicy:
         backoff_base_s=r.backoff.base,
         backoff_max_s=r.backoff.max,
         other_backend=r.other_backend,
-        first_byte_timeout_s=r.first_byte_timeout or per_try,
         hedge_after_s=r.hedge_after,
     )
 
