@@ -27,6 +27,7 @@ from sidecar.config.model import (
     RouteConfig,
     split_listen,
 )
+from sidecar.core.attempts import Fallback
 from sidecar.core.balance import Balance, OutlierPolicy
 from sidecar.core.breaker import BreakerPolicy
 from sidecar.core.drift import DriftPolicy
@@ -306,6 +307,7 @@ class RoutePlan:
     retry_budget: float | None             # share of requests; None: no retries, no budget
     timeouts: tuple[TryTimeouts, ...]      # per backend of the split, in split order
     fallback: tuple[FallbackPlan, ...]
+    fallback_kinds: tuple[Fallback, ...]   # of each step, in chain order: what core/attempts.py walks
     fingerprint: str
     mirrors: tuple[MirrorPlan, ...] = ()   # shadows, in config order
     monitor: MonitorPlan | None = None
@@ -345,6 +347,7 @@ class RoutePlan:
             retry_budget=cfg.retry.budget if cfg.retry is not None else None,
             timeouts=tuple(_timeouts(cfg.retry, backends[b]) for b in cfg.split),
             fallback=tuple(fallback),
+            fallback_kinds=tuple(Fallback.BACKEND if f.backend is not None else Fallback.RESPONSE for f in fallback),
             # a route changes when its own section or a backend it uses changes (SPEC 8)
             fingerprint=_fingerprint(cfg.model_dump(mode="json"), [backends[b].fingerprint for b in used]),
             mirrors=tuple(MirrorPlan.build(cfg.name, m, backends, redact) for m in cfg.mirror),

@@ -60,7 +60,7 @@ import orjson
 from sidecar.config.plan import MirrorPlan, Plan, RoutePlan
 from sidecar.core.compare import AgreementWindow, Disagreement, DisagreementLog, Verdict, compare_values
 from sidecar.core.jsonpath import JsonPath, redact_all
-from sidecar.core.outcome import Outcome, classify_status
+from sidecar.core.outcome import Outcome
 from sidecar.core.split import key_hash
 from sidecar.shell.backend import Backend, CircuitRefused
 from sidecar.shell.metrics import Cell, Metrics
@@ -305,7 +305,7 @@ class Mirrors:
             # answer; a streamed answer's chunks are read under the same deadline
             answer = await backend.try_(endpoint, ticket.method, ticket.raw_path, headers, ticket.body, deadline,
                                         deadline, buffer_limit=ticket.read_limit if compare else None)
-            if classify_status(answer.status) is Outcome.SERVER_ERROR:
+            if answer.outcome is Outcome.SERVER_ERROR:
                 return SHADOW_ERROR
             shadow_body = answer.body
             if shadow_body is None:

@@ -56,6 +56,7 @@ import orjson
 from sidecar.config.plan import FeaturePlan, MonitorPlan, Plan, RoutePlan
 from sidecar.core.drift import DriftResult, judge
 from sidecar.core.jsonpath import redact_all
+from sidecar.core.outcome import Outcome
 from sidecar.core.window import FeatureWindow, LatencySummary, LatencyWindow, as_category, as_number
 from sidecar.shell.metrics import Metrics
 from sidecar.shell.reference import REDACTED
@@ -273,18 +274,16 @@ class Monitor:
         self._pending_bytes += size
         self._pending.append((m, backend, request_id, time.time(), body, status, response, draw))
 
-    def record(self, route: str, backend: str, duration_s: float, status: int, error: str | None) -> None:
-        """Every answered request: latency and failure into the rolling windows.
-
-        Failed (core/outcome): a 5xx answer (the backend's or the sidecar's 502/503/504) or a
-        stream that broke after it started. A 4xx is the model's answer, not a failure.
-        """
+    def record(self, route: str, backend: str, duration_s: float, outcome: Outcome) -> None:
+        """Every answered request: latency, and whether it failed (core/outcome.py says: a 5xx,
+        the backend's or the sidecar's 502/503/504, or a stream that broke after it started; a
+        4xx is the model's answer, not a failure), into the rolling windows."""
         cell = self._latency.get((route, backend))
         if cell is None:
             cell = self._new_cell(route, backend)
             if cell is None:
                 return
-        failed = status >= 500 or error == "stream_broken"
+        failed = outcome.failed
         cell.route_window.record(duration_s, failed)
         cell.backend_window.record(duration_s, failed)
 

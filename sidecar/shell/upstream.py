@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 
 from sidecar.config.plan import BackendPlan
 from sidecar.core.http1 import END, Event, Head, ProtocolError, ResponseParser
-from sidecar.core.outcome import Outcome
+from sidecar.core.outcome import Outcome, classify_status
 
 # Idle pooled connections are closed after this. Below the 5 s keep-alive of uvicorn and
 # gunicorn, the servers most models run on, so we rarely send on a connection the server is
@@ -186,10 +186,11 @@ class _Conn(asyncio.Protocol):
 class Answer:
     """A backend's response: `body` when read whole, else streamed with `next_chunk`."""
 
-    __slots__ = ("_conn", "_pool", "backend", "body", "content_length", "headers", "status")
+    __slots__ = ("_conn", "_pool", "backend", "body", "content_length", "headers", "outcome", "status")
 
     def __init__(self, head: Head, body: bytes | None, conn: _Conn | None, pool: UpstreamPool) -> None:
         self.status = head.status
+        self.outcome = classify_status(head.status)  # classified once, here, for every consumer
         self.headers = head.headers          # as received; the proxy drops hop-by-hop ones
         self.body = body
         self.content_length = head.length
