@@ -175,7 +175,7 @@ class MirrorTicket:
 
 
 class Mirrors:
-    """Owns every mirror task and the per (route, shadow) statistics. One per Sidecar."""
+    """Owns every mirror task and the per (route, shadow) statistics. One per process (shell/services.py)."""
 
     def __init__(self, metrics: Metrics, rng: Callable[[], float], plan: Plan | None = None,
                  clock: Callable[[], float] = time.time) -> None:
@@ -185,7 +185,6 @@ class Mirrors:
         self._stats: dict[tuple[str, str], MirrorStats] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
-        metrics.mirror_agreement.read = self._agreement_samples
         if plan is not None:
             self.retain(plan)
 
@@ -376,7 +375,7 @@ class Mirrors:
         under "mirrors" (and `/admin/status` may embed)."""
         return [self._stats_for(m).json(m) for route in plan.routes for m in route.mirrors]
 
-    def _agreement_samples(self) -> list[tuple[tuple[str, ...], float]]:
+    def agreement_samples(self) -> list[tuple[tuple[str, ...], float]]:
         return [(key, ratio) for key, stats in self._stats.items() if (ratio := stats.window.ratio) is not None]
 
 

@@ -1,6 +1,6 @@
 """Monitoring: rolling latency per (route, backend), payload sampling, drift, the sample log.
 
-Owns, per process (one `Monitor`, carried from Runtime to Runtime across reloads):
+Owns, per process (one `Monitor`, owned by shell/services.py; a reload calls `apply`):
 
 - latency windows: `core.window.LatencyWindow` per (route, backend) and per backend, fed by
   EVERY request from the proxy's log phase (`record`: one dict lookup, two ring writes);
@@ -33,7 +33,7 @@ change: latency windows when the backend's fingerprint is the same and the route
 uses it; feature windows when the feature's config, the window size, the reference and the
 backend are the same. A reference file is re-read on every reload.
 
-Imports: stdlib, numpy, orjson, sidecar.config, sidecar.core, sidecar.shell.metrics/samplelog.
+Imports: stdlib, numpy, orjson, sidecar.config, sidecar.core, sidecar.shell.reference/samplelog.
 """
 
 from __future__ import annotations
@@ -58,7 +58,6 @@ from sidecar.core.drift import DriftResult, judge
 from sidecar.core.jsonpath import redact_all
 from sidecar.core.outcome import Outcome
 from sidecar.core.window import FeatureWindow, LatencySummary, LatencyWindow, as_category, as_number
-from sidecar.shell.metrics import Metrics
 from sidecar.shell.reference import REDACTED
 from sidecar.shell.samplelog import SampleLog
 
@@ -175,9 +174,9 @@ def _warm_up_scipy() -> None:
 
 
 class Monitor:
-    """See the module docstring. Built by Runtime; `run()` lives in the server's TaskGroup."""
+    """See the module docstring. Built by shell/services.py; `run()` lives in the server's TaskGroup."""
 
-    def __init__(self, metrics: Metrics, rng: Callable[[], float] = random.random) -> None:
+    def __init__(self, rng: Callable[[], float] = random.random) -> None:
         self._scipy_ready = False
         self._rng = rng
         # loop-side
@@ -204,7 +203,6 @@ class Monitor:
         self._w_routes: dict[str, _RouteState] = {}
         self._w_samples: dict[tuple[str, str], int] = {}
         self._w_missing: dict[tuple[str, str, str], int] = {}
-        self._install_metrics(metrics)
 
     # -- config (loop) ------------------------------------------------------------------------
 
@@ -503,38 +501,43 @@ class Monitor:
     def sample_log(self, route: str) -> SampleLog | None:
         return self._logs.get(route)
 
-    # -- metrics (scrape time, loop) ----------------------------------------------------------
+    # -- metrics (scrape time, loop; bound by shell/services.py) -----------------------------------
 
-    def _install_metrics(self, metrics: Metrics) -> None:
-        metrics.drift_statistic.read = self._drift_statistic_samples
-        metrics.drift_p_value.read = self._drift_p_samples
-        metrics.drift_detected.read = self._drift_detected_samples
-        metrics.route_latency.read = self._latency_samples
-        metrics.route_error_ratio.read = self._error_samples
-        metrics.monitor_samples.read = lambda: (((r, b), float(n)) for (r, b), n in self._samples.items())
-        metrics.monitor_missing.read = lambda: ((k, float(n)) for k, n in self._missing.items())
-        metrics.monitor_dropped.read = lambda: (((r,), float(n)) for r, n in self._dropped.items())
-        metrics.sample_log_lines.read = lambda: (((r,), float(s.written)) for r, s in self._logs.items())
-        metrics.sample_log_dropped.read = lambda: (((r,), float(s.dropped_total)) for r, s in self._logs.items())
-        metrics.sample_log_errors.read = lambda: (((r,), float(s.errors)) for r, s in self._logs.items())
+    def sampled_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+        return (((r, b), float(n)) for (r, b), n in self._samples.items())
 
-    def _drift_statistic_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+    def missing_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+        return ((k, float(n)) for k, n in self._missing.items())
+
+    def dropped_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+        return (((r,), float(n)) for r, n in self._dropped.items())
+
+    def sample_log_line_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+        return (((r,), float(s.written)) for r, s in self._logs.items())
+
+    def sample_log_dropped_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+        return (((r,), float(s.dropped_total)) for r, s in self._logs.items())
+
+    def sample_log_error_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+        return (((r,), float(s.errors)) for r, s in self._logs.items())
+
+    def drift_statistic_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
         for row in self.drift_rows():
             if row.result is not None:
                 yield (row.route, row.backend, row.feature, row.result.test), row.result.statistic
                 yield (row.route, row.backend, row.feature, "psi"), row.result.psi
 
-    def _drift_p_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+    def drift_p_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
         for row in self.drift_rows():
             if row.result is not None:
                 yield (row.route, row.backend, row.feature, row.result.test), row.result.p_value
 
-    def _drift_detected_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+    def drift_detected_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
         for row in self.drift_rows():
             if row.result is not None:
                 yield (row.route, row.backend, row.feature), 1.0 if row.result.drifted else 0.0
 
-    def _latency_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+    def latency_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
         for (route, backend), cell in list(self._latency.items()):
             s = cell.route_window.summary()
             for label, attr in QUANTILES:
@@ -542,7 +545,7 @@ class Monitor:
                 if value is not None:
                     yield (route, backend, label), float(value)
 
-    def _error_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+    def error_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
         for (route, backend), cell in list(self._latency.items()):
             s = cell.route_window.summary()
             if s.error_rate is not None:

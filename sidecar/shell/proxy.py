@@ -71,11 +71,11 @@ from sidecar.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from sidecar.shell.accesslog import AccessLog
 from sidecar.shell.backend import Backend
 from sidecar.shell.metrics import Cell, HistCell, Metrics
-from sidecar.shell.mirror import Mirrors, MirrorTicket
+from sidecar.shell.mirror import MirrorTicket
 from sidecar.shell.runtime import RouteState, Runtime
+from sidecar.shell.services import Services
 from sidecar.shell.upstream import Answer, UpstreamFailure
 
 log = logging.getLogger("sidecar.proxy")
@@ -206,12 +206,13 @@ def _connection_tokens(value: str | None) -> frozenset[str]:
 class Proxy:
     """The request handler of the main listener (an aiohttp low-level `web.Server` handler)."""
 
-    def __init__(self, runtime: Runtime, access_log: AccessLog, rng: Callable[[], float],
-                 mirrors: Mirrors | None = None) -> None:
-        self.runtime = runtime
-        self.metrics = runtime.metrics
-        self.mirrors = mirrors if mirrors is not None else Mirrors(runtime.metrics, rng, runtime.plan)
-        self.access_log = access_log
+    def __init__(self, runtime: Runtime, services: Services, rng: Callable[[], float]) -> None:
+        self.runtime = runtime          # the serving config; Sidecar.adopt swaps it
+        # the long-lived objects it uses; shell/services.py owns them
+        self.metrics = services.metrics
+        self.mirrors = services.mirrors
+        self.monitor = services.monitor
+        self.access_log = services.access_log
         self.inflight = 0
         self.closing = False            # set after drain.delay: answers carry Connection: close
         self._idle: asyncio.Event | None = None  # created only while someone waits for idle
@@ -288,7 +289,7 @@ class Proxy:
             ex.mirror = self.mirrors.select(route, rt, request, ex.request_id, headers, body)
             if ex.mirror is not None:
                 ex.buffer_limit = ex.mirror.buffer_limit
-        if route.monitor is not None and (draw := rt.monitor.draw(route)) is not None:
+        if route.monitor is not None and (draw := self.monitor.draw(route)) is not None:
             ex.draw = draw
             if route.monitor.needs_response:
                 ex.buffer_limit = max(rt.plan.limits.max_body_bytes, rt.plan.limits.buffer_response_bytes)
@@ -611,7 +612,7 @@ class Proxy:
             ex.mirror.send(answer.body)
             ex.mirror = None
         if ex.draw is not None and ex.route is not None:  # sampled: parsed by the monitor, off the loop
-            rt.monitor.offer(ex.route, ex.backend, ex.request_id, ex.body, answer.status, answer.body, ex.draw)
+            self.monitor.offer(ex.route, ex.backend, ex.request_id, ex.body, answer.status, answer.body, ex.draw)
         if answer.body is not None:
             ex.bytes_out = len(answer.body)
             if request.method == "HEAD":  # the backend's Content-Length describes the GET
@@ -657,7 +658,7 @@ class Proxy:
         duration = now - ex.t0
         cells.duration.observe(duration)
         if ex.backend and ex.outcome is not None:  # rolling latency and errors (shell/monitor.py)
-            rt.monitor.record(route, ex.backend, duration, ex.outcome)
+            self.monitor.record(route, ex.backend, duration, ex.outcome)
         if rt.plan.access_log:
             self.access_log.add((
                 time.time(), ex.request_id, request.method, request.path, route, ex.backend, resp.status,
