@@ -49,7 +49,9 @@ class EndpointPlan:
     """One replica of a backend: where its pool connects and what it sends."""
 
     url: str
-    origin: str          # scheme://host:port, what the pool connects to
+    scheme: str          # "http" | "https"
+    host: str            # what the pool connects to (parsed here once: shell/upstream.py)
+    port: int
     base_path: str       # "" or "/base" (no trailing slash): prefixed to every request path
     host_header: str     # the Host header upstream: the endpoint's, not the client's
 
@@ -62,7 +64,9 @@ class EndpointPlan:
         host_text = f"[{host}]" if ":" in host else host
         return cls(
             url=url,
-            origin=f"{u.scheme}://{u.netloc}",
+            scheme=u.scheme,
+            host=host,
+            port=port,
             base_path=u.path.rstrip("/"),
             host_header=host_text if default_port else f"{host_text}:{port}",
         )
@@ -353,12 +357,6 @@ class RoutePlan:
             mirrors=tuple(MirrorPlan.build(cfg.name, m, backends, redact) for m in cfg.mirror),
             monitor=monitor,
         )
-
-    @property
-    def redact_paths(self) -> tuple[JsonPath, ...]:
-        """The sample log's redact paths; mirrors apply them to disagreements too."""
-        m = self.monitor
-        return m.log.redact if m is not None and m.log is not None else ()
 
     def backend_index(self, name: str) -> int | None:
         try:

@@ -33,7 +33,7 @@ change: latency windows when the backend's fingerprint is the same and the route
 uses it; feature windows when the feature's config, the window size, the reference and the
 backend are the same. A reference file is re-read on every reload.
 
-Imports: stdlib, numpy, orjson, sidecar.config, sidecar.core, sidecar.shell.reference/samplelog.
+Imports: stdlib, numpy, orjson, sidecar.config, sidecar.core, sidecar.shell.formats/reference/samplelog.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ from sidecar.core.drift import DriftResult, judge
 from sidecar.core.jsonpath import redact_all
 from sidecar.core.outcome import Outcome
 from sidecar.core.window import FeatureWindow, LatencySummary, LatencyWindow, as_category, as_number
+from sidecar.shell.formats import load_json, utc_iso
 from sidecar.shell.reference import REDACTED
 from sidecar.shell.samplelog import SampleLog
 
@@ -68,7 +69,6 @@ LATENCY_WINDOW: Final = 2048              # requests per (route, backend) latenc
 MAX_PENDING: Final = 10_000               # samples waiting for the worker ...
 MAX_PENDING_BYTES: Final = 64 * 1024**2   # ... and their bodies' bytes
 QUANTILES: Final = (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99"))
-_NOT_JSON: Final[Any] = object()
 _EMPTY: Final = np.empty(0, dtype=np.float64)
 
 # (monitor plan, backend, request id, wall time, request body, status, response body or None, draw)
@@ -119,8 +119,8 @@ class _FeatureState:
 
 
 @dataclass(slots=True)
-class _RouteState:
-    """Worker-owned state of one monitored route."""
+class _MonitoredRoute:
+    """Worker-owned state of one monitored route (not the proxy's runtime RouteState)."""
 
     plan: MonitorPlan
     backends: tuple[str, ...]
@@ -200,7 +200,7 @@ class Monitor:
         self.errors = 0
         # worker-side
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="monitor")
-        self._w_routes: dict[str, _RouteState] = {}
+        self._w_routes: dict[str, _MonitoredRoute] = {}
         self._w_samples: dict[tuple[str, str], int] = {}
         self._w_missing: dict[tuple[str, str, str], int] = {}
 
@@ -353,11 +353,11 @@ class Monitor:
     # -- worker thread ------------------------------------------------------------------------
 
     def _w_apply(self, routes: list[tuple[RoutePlan, dict[str, str]]], logs: dict[str, SampleLog]) -> None:
-        new: dict[str, _RouteState] = {}
+        new: dict[str, _MonitoredRoute] = {}
         for route, backend_fps in routes:
             m = route.monitor
             assert m is not None
-            st = _RouteState(plan=m, backends=route.backends, backend_fps=backend_fps, log=logs.get(route.name))
+            st = _MonitoredRoute(plan=m, backends=route.backends, backend_fps=backend_fps, log=logs.get(route.name))
             old = self._w_routes.get(route.name)
             if old is not None:
                 signatures = {f.name: f.signature for f in m.features}
@@ -382,9 +382,9 @@ class Monitor:
                 continue  # sampled under a config that has since changed
             stats = u < m.sample and bool(m.features)
             to_log = st.log is not None and u < st.log.plan.sample
-            req_doc = _parse(body) if to_log or (stats and m.request_features) else _NOT_JSON
-            resp_doc = _parse(response) if response is not None and (to_log or (stats and m.response_features)) \
-                else _NOT_JSON
+            # parsed only when something reads it; None: not JSON (features missing, logged as null)
+            req_doc = load_json(body) if to_log or (stats and m.request_features) else None
+            resp_doc = load_json(response) if to_log or (stats and m.response_features) else None
             if stats:
                 key = (m.route, backend)
                 self._w_samples[key] = self._w_samples.get(key, 0) + 1
@@ -398,21 +398,21 @@ class Monitor:
                 assert st.log is not None
                 redact = st.log.plan.redact
                 st.log.put({
-                    "time": _iso(wall), "request_id": request_id, "route": m.route, "backend": backend,
+                    "time": utc_iso(wall), "request_id": request_id, "route": m.route, "backend": backend,
                     "status": status,
-                    "request": None if req_doc is _NOT_JSON else redact_all(req_doc, redact, REDACTED),
-                    "response": None if resp_doc is _NOT_JSON else redact_all(resp_doc, redact, REDACTED),
+                    "request": None if req_doc is None else redact_all(req_doc, redact, REDACTED),
+                    "response": None if resp_doc is None else redact_all(resp_doc, redact, REDACTED),
                 })
         return dict(self._w_samples), dict(self._w_missing)
 
-    def _w_add(self, st: _RouteState, backend: str, f: FeaturePlan, doc: Any) -> None:
+    def _w_add(self, st: _MonitoredRoute, backend: str, f: FeaturePlan, doc: Any) -> None:
         fs = st.windows.get((backend, f.name))
         if fs is None:
             m = st.plan
             warm = FeatureWindow(m.reference_warmup, f.categorical) if m.reference_warmup is not None else None
             fs = st.windows[(backend, f.name)] = _FeatureState(
                 f.signature, st.backend_fps[backend], FeatureWindow(m.window, f.categorical), warm)
-        values = f.path.find(doc) if doc is not _NOT_JSON else []
+        values = f.path.find(doc)
         missing = 0 if values else 1
         ref = fs.ref
         for v in values:
@@ -432,7 +432,7 @@ class Monitor:
                 out[name] = self._w_judge_route(st)
         return out, time.perf_counter() - t0
 
-    def _w_judge_route(self, st: _RouteState) -> list[DriftRow]:
+    def _w_judge_route(self, st: _MonitoredRoute) -> list[DriftRow]:
         m = st.plan
         rows: list[DriftRow] = []
         kind = m.reference_kind
@@ -550,19 +550,6 @@ class Monitor:
             s = cell.route_window.summary()
             if s.error_rate is not None:
                 yield (route, backend), s.error_rate
-
-
-def _parse(data: bytes | None) -> Any:
-    if not data:
-        return _NOT_JSON
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return _NOT_JSON
-
-
-def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
 def _reference_json(m: MonitorPlan) -> dict[str, Any] | None:

@@ -59,6 +59,7 @@ from sidecar.core.attempts import (
 from sidecar.core.outcome import Outcome, classify_status
 from sidecar.core.retry import NoRetry
 from sidecar.core.split import Split, key_hash
+from sidecar.core.throttle import Throttle
 from sidecar.errors import (
     BadRequest,
     BodyTooLarge,
@@ -221,7 +222,7 @@ class Proxy:
         self._id_prefix = os.urandom(8).hex()
         self._ids = count(1)
         self._shed = self.metrics.shed.labels("max_inflight")
-        self._logged_at: dict[tuple[str, str], float] = {}  # rate limit of per-request log lines
+        self._log_every = Throttle(LOG_EVERY_S)  # per-request log lines, by (route, what)
 
     # -- bookkeeping ------------------------------------------------------------------------
 
@@ -240,9 +241,7 @@ class Proxy:
 
     def _log_sometimes(self, key: tuple[str, str], msg: str, *args: object) -> None:
         """Log a per-request event at most every LOG_EVERY_S per key (the metrics count each one)."""
-        now = perf_counter()
-        if now - self._logged_at.get(key, -LOG_EVERY_S) >= LOG_EVERY_S:
-            self._logged_at[key] = now
+        if self._log_every.try_pass(perf_counter(), key):
             log.info(msg, *args)
 
     # -- the handler --------------------------------------------------------------------------

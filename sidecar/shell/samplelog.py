@@ -26,7 +26,7 @@ the line and counts it in `dropped`. Nothing ever raises into the proxy.
 Counters are plain ints, each written by one thread only (`dropped` by the producer and by
 the writer for lost batches: see NOTE in `_count_lost`), and read at scrape time.
 
-Imports: stdlib, orjson, sidecar.config.plan.
+Imports: stdlib, orjson, sidecar.config.plan, sidecar.core.throttle.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from typing import Any, Final
 import orjson
 
 from sidecar.config.plan import SampleLogPlan
+from sidecar.core.throttle import Throttle
 
 log = logging.getLogger("sidecar.samplelog")
 
@@ -77,7 +78,7 @@ class SampleLog:
         self._fd: int | None = None
         self._size = 0
         self._retry_at = 0.0
-        self._last_log = -LOG_EVERY_S
+        self._log_every = Throttle(LOG_EVERY_S)
         self._thread = threading.Thread(target=self._run, name=f"sample-log-{route}", daemon=True)
         self._thread.start()
 
@@ -216,9 +217,7 @@ class SampleLog:
 
     def _failed(self, what: str, e: OSError) -> None:
         self.errors += 1
-        now = time.monotonic()
-        if now - self._last_log >= LOG_EVERY_S:
-            self._last_log = now
+        if self._log_every.try_pass(time.monotonic()):
             log.warning("sample log %s (route %s): %s failed: %s; lines are dropped and counted "
                         "(sidecar_sample_log_errors_total), the proxy keeps serving",
                         self.plan.path, self.route, what, e)

@@ -34,7 +34,6 @@ import ssl
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Final, cast
-from urllib.parse import urlsplit
 
 from sidecar.config.plan import BackendPlan
 from sidecar.core.http1 import END, Event, Head, ProtocolError, ResponseParser
@@ -260,10 +259,9 @@ class UpstreamPool:
         self.inflight = 0
         self._buffer_limit = buffer_response_bytes
         self._max_connections = plan.max_connections if max_connections is None else max_connections
-        u = urlsplit(self.endpoint.origin)
-        self._host = u.hostname or "127.0.0.1"
-        self._port = u.port or (443 if u.scheme == "https" else 80)
-        self._ssl = _ssl_context(u.scheme)
+        self._host = self.endpoint.host
+        self._port = self.endpoint.port
+        self._ssl = _ssl_context(self.endpoint.scheme)
         self._base = self.endpoint.base_path
         self._host_header = self.endpoint.host_header
         self._idle: list[_Conn] = []

@@ -453,19 +453,19 @@ def test_stats_survive_a_reload_that_keeps_the_mirror():
     a removed mirror is forgotten."""
     from sidecar.core.compare import Verdict
     from sidecar.shell.metrics import Metrics
-    from sidecar.shell.mirror import Mirrors
+    from sidecar.shell.mirror import MirrorOutcome, Mirrors
 
     metrics = Metrics()
     plan = build_plan({"compare": {"path": "$.p"}})
     mirrors = Mirrors(metrics, lambda: 0.0, plan)
     stats = mirrors._stats_for(plan.routes[0].mirrors[0])
     stats.window.record_verdict(Verdict.AGREE)
-    stats.count("agree")
+    stats.count(MirrorOutcome.AGREE)
     mirrors.retain(build_plan({"compare": {"path": "$.p"}, "percent": 50}))
     assert mirrors._stats[("fraud", "shadow")] is stats and ratio(stats) == 1.0
     mirrors.retain(build_plan({"compare": {"path": "$.q"}}))
     assert mirrors._stats[("fraud", "shadow")] is stats and ratio(stats) is None
-    assert stats.cells["agree"].value == 1
+    assert stats.cells[MirrorOutcome.AGREE].value == 1
     no_mirror = build_plan({})
     no_mirror_routes = [r for r in no_mirror.routes if r.name == "plain"]
     mirrors.retain(dataclasses_replace_routes(no_mirror, no_mirror_routes))

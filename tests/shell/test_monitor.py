@@ -255,7 +255,7 @@ def test_reference_file_relative_to_config(tmp_path: Path):
     assert m is not None and m.log is not None
     assert m.reference_file == tmp_path.resolve() / "refs/r.json"
     assert m.log.path == tmp_path.resolve() / "logs/s.jsonl"
-    assert [p.text for p in plan.routes[0].redact_paths] == ["$.email"]
+    assert [p.text for p in m.log.redact] == ["$.email"]
     assert m.draw_below == 0.1 and m.log.sample == 0.1
 
 
