@@ -164,57 +164,74 @@ class Fail(Command):
     no: int                              # 0: nothing was tried
 
 
+# Phases and outcomes as module names: an Enum member read through its class costs several
+# times a global's lookup, and these are read on every request.
+_PICK, _TRYING, _HEDGE_PICK, _BACKOFF, _FALLBACK_PICK, _FALLBACK_TRYING, _DONE = Phase
+_OK: Final = Outcome.OK
+_RESPONSE: Final = Fallback.RESPONSE
 _PICK_ANY: Final = Pick(None)
 _WAIT: Final = Wait()
+_RESPOND_FIRST: Final = Respond(1)
+_FIRST_TRIES: dict[int, Try] = {}      # Try(1, index), made once per index: commands are never changed
 _HEDGE_SKIPPED: Final = (NoRetry.BUDGET, Outcome.TIMEOUT)       # the first try had not answered
 _FALLBACK_SKIPPED: Final = (NoRetry.BUDGET, Outcome.SERVER_ERROR)
 
 
-class Attempts:
-    """The tries of one request: made once it is matched and read, dropped with it."""
+class Attempts(RetryState):
+    """The tries of one request: made once it is matched and read, dropped with it.
 
-    __slots__ = ("_first", "_first_index", "_index", "_inflight", "_kept", "_kept_answer", "_kept_streamed",
+    A `RetryState` (tries, deadline, budget, `decide`) with the round, what is kept and the
+    chain's position on top. Hot path (NOTE): one try that answers well is `start`, `picked`,
+    `ended` with no allocation but this object; so the round's fields are set where a round
+    starts (`_start_round`), the chain's where it starts (`_begin_fallback`), and the kept
+    result's flags only with `_kept`, not here.
+    """
+
+    __slots__ = ("_first", "_first_index", "_hedge_index", "_inflight", "_kept", "_kept_answer", "_kept_streamed",
                  "_last_index", "_prev", "_r", "_r_outcome", "_r_status", "_r_streamed", "_step", "_tried",
-                 "chain", "phase", "retry", "rng")
+                 "chain", "phase", "rng")
+    # set where first needed (see __init__); declared here for the type checker
+    _inflight: int
+    _first: int
+    _first_index: int
+    _hedge_index: int
+    _r: int
+    _r_outcome: Outcome
+    _r_status: int | None
+    _r_streamed: bool
+    _prev: int
+    _last_index: int
+    _kept_answer: bool
+    _kept_streamed: bool
+    _tried: bool
+    _step: int
 
     def __init__(self, policy: RetryPolicy, budget: RetryBudget | None, deadline: float, rng: Rng,
                  chain: tuple[Fallback, ...] = ()) -> None:
-        self.retry = RetryState(policy, budget, deadline)
+        RetryState.__init__(self, policy, budget, deadline)
         self.rng = rng                   # backoff jitter
         self.chain = chain               # the route's fallback steps, in order
-        self.phase = Phase.PICK
-        self._index: list[int] = []      # split index of each try (-1: a fallback try)
-        # the round: tries running, its first try, and its result so far (try 0: none yet)
-        self._inflight = 0
-        self._first = self._first_index = 0
-        self._r = 0
-        self._r_outcome = Outcome.OK
-        self._r_status: int | None = None
-        self._r_streamed = False
-        # the previous round's result: a retry avoids its backend (other_backend) and endpoint
-        self._prev = 0
-        self._last_index: int | None = None
-        # what passes when nothing better comes (SPEC 8): the latest answer, else the latest failure
+        self.phase = _PICK
+        # What passes when nothing better comes (SPEC 8): the latest answer, else the latest
+        # failure; 0: nothing yet. With it, `_kept_answer` (an answer, not a failure) and
+        # `_kept_streamed` (an answer that holds its connection).
         self._kept = 0
-        self._kept_answer = False
-        self._kept_streamed = False
-        self._tried = False              # tries were made before the chain (its backends spend budget)
-        self._step = 0
+        # Set by `_start_round`: the round's tries running (`_inflight`), its first try
+        # (`_first`, `_first_index`), a hedge's backend (`_hedge_index`), its result so far
+        # (`_r`, 0: none yet, and `_r_*`). Set by `_round_ended`: the previous round's result
+        # (`_prev`, `_last_index`), whose backend and endpoint a retry avoids.
+        # Set by `_begin_fallback`: `_tried` (tries came before the chain, so its backends
+        # spend budget) and `_step`.
 
     def __repr__(self) -> str:
-        return f"<Attempts {self.phase} tries={self.retry.tries} kept={self._kept} step={self._step}>"
-
-    @property
-    def tries(self) -> int:
-        """Tries started, hedges and fallbacks included (`x-sidecar-attempts`)."""
-        return self.retry.tries
+        return f"<Attempts {self.phase} tries={self.tries}/{self.policy.attempts} kept={self._kept}>"
 
     # -- events ---------------------------------------------------------------------------------
 
     def start(self, now: float) -> Command:
         """The request is matched and read: counted for the budget; the first pick."""
-        assert self.phase is Phase.PICK and not self.retry.tries
-        budget = self.retry.budget
+        assert self.phase is _PICK and not self.tries
+        budget = self.budget
         if budget is not None:
             budget.record_request(now)
         return _PICK_ANY
@@ -223,39 +240,46 @@ class Attempts:
         """The reply to Pick and PickHedge (a split index) and to PickFallback (the step);
         None: no backend may take a try now."""
         phase = self.phase
-        if phase is Phase.PICK:
+        if phase is _PICK:
             if index is None:
                 return self._begin_fallback(now, None, ())
             return self._start_round(index, now)
-        if phase is Phase.HEDGE_PICK:
-            self.phase = Phase.TRYING
+        if phase is _HEDGE_PICK:
+            self.phase = _TRYING
             if index is None:
                 return _WAIT
-            retry = self.retry
-            if retry.try_hedge(now):
-                no = self._record(index)
+            if self.try_hedge(now):
+                self.record_try()
                 self._inflight += 1
-                return Hedge(no=no, index=index, avoid_endpoint_of=self._first if index == self._first_index else 0)
+                self._hedge_index = index
+                return Hedge(self.tries, index, avoid_endpoint_of=self._first if index == self._first_index else 0)
             # try_hedge refused with a try and the time left: for the budget
-            return Wait(skipped=_HEDGE_SKIPPED) if retry.would_hedge(now) else _WAIT
-        assert phase is Phase.FALLBACK_PICK, phase
+            return Wait(skipped=_HEDGE_SKIPPED) if self.would_hedge(now) else _WAIT
+        assert phase is _FALLBACK_PICK, phase
         if index is None:
             self._step += 1
             return self._next_step(now, None, ())
         assert index == self._step, (index, self._step)
-        budget = self.retry.budget
+        budget = self.budget
         if self._tried and budget is not None and not budget.try_spend(now):
             self._step += 1
             return self._next_step(now, _FALLBACK_SKIPPED, ())
-        self.phase = Phase.FALLBACK_TRYING
-        return FallbackTry(no=self._record(-1), step=index)
+        self.phase = _FALLBACK_TRYING
+        self.record_try()
+        return FallbackTry(self.tries, index)
 
     def ended(self, no: int, outcome: Outcome, status: int | None, streamed: bool, now: float) -> Command:
         """Try `no` ended: an answer with `status` (`streamed`: its body is still to come,
         over a connection it holds), or a failure (status None)."""
-        if self.phase is Phase.FALLBACK_TRYING:
+        phase = self.phase
+        if phase is _TRYING and outcome is _OK and self._r == 0:
+            # hot path: the round's first result is good and final (is_final(OK)): it answers
+            self.phase = _DONE
+            self._inflight = 0           # a hedge still running is cancelled by the shell
+            return _RESPOND_FIRST if no == 1 else Respond(no)
+        if phase is _FALLBACK_TRYING:
             return self._fallback_ended(no, outcome, status, streamed, now)
-        assert self.phase is Phase.TRYING and self._inflight > 0, self
+        assert phase is _TRYING and self._inflight > 0, self
         self._inflight -= 1
         release: tuple[int, ...] = ()
         r = self._r
@@ -275,71 +299,71 @@ class Attempts:
 
     def woke(self, now: float) -> Command:
         """The backoff is slept, or a round's hedge timer fired before its try ended."""
-        if self.phase is Phase.BACKOFF:
-            self.phase = Phase.PICK
-            if self.retry.policy.other_backend and self._last_index is not None:
-                return Pick(avoid=self._last_index)
+        if self.phase is _BACKOFF:
+            self.phase = _PICK
+            if self.policy.other_backend:
+                return Pick(self._last_index)
             return _PICK_ANY
-        assert self.phase is Phase.TRYING and self._inflight == 1, self
-        if not self.retry.would_hedge(now):
+        assert self.phase is _TRYING and self._inflight == 1, self
+        if not self.would_hedge(now):
             return _WAIT
-        self.phase = Phase.HEDGE_PICK
-        return PickHedge(avoid=self._first_index)
+        self.phase = _HEDGE_PICK
+        return PickHedge(self._first_index)
 
     def stream_broke(self) -> NoRetry | None:
         """The answer passed on broke after bytes reached the client: it is never replayed
         (SPEC 3.1). The retry it would otherwise have had, to count; None when none was left."""
-        return NoRetry.STARTED if self.retry.tries < self.retry.policy.attempts else None
+        return NoRetry.STARTED if self.tries < self.policy.attempts else None
 
     # -- transitions ------------------------------------------------------------------------------
 
-    def _record(self, index: int) -> int:
-        self.retry.record_try()
-        self._index.append(index)
-        return self.retry.tries
-
     def _start_round(self, index: int, now: float) -> Try:
-        no = self._record(index)
-        self.phase = Phase.TRYING
+        self.record_try()
+        no = self.tries
+        self.phase = _TRYING
         self._inflight = 1
+        self._r = 0
         self._first, self._first_index = no, index
-        policy = self.retry.policy
-        hedge_after = policy.hedge_after_s
-        hedge_at = now + hedge_after if hedge_after is not None and no < policy.attempts else None
-        return Try(no=no, index=index, avoid_endpoint_of=self._prev if index == self._last_index else 0,
-                   hedge_at=hedge_at)
+        policy = self.policy
+        hedge_at = now + policy.hedge_after_s if policy.hedge_after_s is not None and no < policy.attempts else None
+        if no == 1:
+            if hedge_at is not None:
+                return Try(1, index, hedge_at=hedge_at)
+            cmd = _FIRST_TRIES.get(index)
+            if cmd is None:
+                cmd = _FIRST_TRIES[index] = Try(1, index)
+            return cmd
+        return Try(no, index, avoid_endpoint_of=self._prev if index == self._last_index else 0, hedge_at=hedge_at)
 
     def _round_ended(self, now: float, release: tuple[int, ...]) -> Command:
         r, outcome, status = self._r, self._r_outcome, self._r_status
-        self._r = 0
-        self._prev, self._last_index = r, self._index[r - 1]
-        retry = self.retry
-        if status is not None and retry.policy.is_final(outcome, status):
-            self.phase = Phase.DONE
-            return Respond(no=r, release=release)
+        self._prev, self._last_index = r, self._first_index if r == self._first else self._hedge_index
+        if status is not None and self.policy.is_final(outcome, status):
+            self.phase = _DONE
+            return Respond(r, release=release)
         release += self._keep(r, status, self._r_streamed)
-        decision = retry.decide(outcome, status, now, self.rng)
+        decision = self.decide(outcome, status, now, self.rng)
         if isinstance(decision, NoRetry):
             skipped = None if decision is NoRetry.NOT_RETRYABLE else (decision, outcome)
             return self._begin_fallback(now, skipped, release)
         if self._kept_streamed:          # a streamed answer cannot wait for a retry: it stands as a failure
             release += (r,)
             self._kept_answer = self._kept_streamed = False
-        self.phase = Phase.BACKOFF
-        return Backoff(delay_s=decision, release=release)
+        self.phase = _BACKOFF
+        return Backoff(decision, release=release)
 
     def _keep(self, no: int, status: int | None, streamed: bool) -> tuple[int, ...]:
         """SPEC 8: of the failed tries, the latest answer passes, else the latest failure."""
         if status is None:
-            if not self._kept_answer:
-                self._kept = no
+            if not (self._kept and self._kept_answer):
+                self._kept, self._kept_answer, self._kept_streamed = no, False, False
             return ()
-        release = (self._kept,) if self._kept_streamed else ()
+        release = (self._kept,) if self._kept and self._kept_streamed else ()
         self._kept, self._kept_answer, self._kept_streamed = no, True, streamed
         return release
 
     def _begin_fallback(self, now: float, skipped: Skip | None, release: tuple[int, ...]) -> Command:
-        self._tried = self.retry.tries > 0
+        self._tried = self.tries > 0
         self._step = 0
         return self._next_step(now, skipped, release)
 
@@ -347,25 +371,26 @@ class Attempts:
         """The chain from `_step` on: the first step that can answer, else the end of the chain."""
         chain = self.chain
         while self._step < len(chain):
-            if chain[self._step] is Fallback.RESPONSE:
-                self.phase = Phase.DONE
-                if self._kept_streamed:
+            if chain[self._step] is _RESPONSE:
+                self.phase = _DONE
+                if self._kept and self._kept_streamed:
                     release += (self._kept,)
                 return Static(step=self._step, skipped=skipped, release=release)
-            if now + MIN_TRY_S < self.retry.deadline:
-                self.phase = Phase.FALLBACK_PICK
+            if now + MIN_TRY_S < self.deadline:
+                self.phase = _FALLBACK_PICK
                 return PickFallback(step=self._step, skipped=skipped, release=release)
             self._step += 1
-        self.phase = Phase.DONE
-        if self._kept_answer:
+        self.phase = _DONE
+        if self._kept and self._kept_answer:
             return Respond(no=self._kept, skipped=skipped, release=release)  # SPEC 8: passes as it was
         return Fail(no=self._kept, skipped=skipped, release=release)
 
     def _fallback_ended(self, no: int, outcome: Outcome, status: int | None, streamed: bool,
                         now: float) -> Command:
         if not outcome.failed:
-            self.phase = Phase.DONE
-            return Respond(no=no, fallback=Fallback.BACKEND, release=(self._kept,) if self._kept_streamed else ())
+            self.phase = _DONE
+            release: tuple[int, ...] = (self._kept,) if self._kept and self._kept_streamed else ()
+            return Respond(no, fallback=Fallback.BACKEND, release=release)
         release = self._keep(no, status, streamed)
         self._step += 1
         return self._next_step(now, None, release)

@@ -318,12 +318,14 @@ class Proxy:
         ex.endpoints, ex.results = [], []
         cmd = steps.start(now)
         while True:
+            if cmd.skipped is not None or cmd.release:
+                self._note(ex, cmd)
             match cmd:
                 case Pick():
-                    cmd = self._noted(ex, steps.picked(self._pick(ex, now, cmd.avoid), now))
+                    cmd = steps.picked(self._pick(ex, now, cmd.avoid), now)
                 case Try(hedge_at=None):
                     backend = rs.backends[cmd.index]
-                    ep = self._start(ex, cmd.no, backend, cmd.avoid_endpoint_of, cmd.no > 1)
+                    ep = self._start(ex, now, cmd.no, backend, cmd.avoid_endpoint_of, cmd.no > 1)
                     got = await self._try(ex, backend, ep, route.timeouts[cmd.index])
                     now = loop.time()
                     cmd = self._ended(ex, cmd.no, got, now)
@@ -339,16 +341,15 @@ class Proxy:
                 case Backoff():
                     await asyncio.sleep(cmd.delay_s)
                     now = loop.time()
-                    cmd = self._noted(ex, steps.woke(now))
+                    cmd = steps.woke(now)
                 case PickFallback():
                     backend_or_none = rs.fallback[cmd.step]
                     assert backend_or_none is not None, "PickFallback names a backend step"
-                    available = backend_or_none.available(now)
-                    cmd = self._noted(ex, steps.picked(cmd.step if available else None, now))
+                    cmd = steps.picked(cmd.step if backend_or_none.available(now) else None, now)
                 case FallbackTry():
                     backend_or_none, timeouts = rs.fallback[cmd.step], route.fallback[cmd.step].timeouts
                     assert backend_or_none is not None and timeouts is not None
-                    ep = self._start(ex, cmd.no, backend_or_none, 0, False)
+                    ep = self._start(ex, now, cmd.no, backend_or_none, 0, False)
                     got = await self._try(ex, backend_or_none, ep, timeouts)
                     now = loop.time()
                     cmd = self._ended(ex, cmd.no, got, now)
@@ -361,12 +362,13 @@ class Proxy:
 
     async def _round(self, ex: Exchange, route: RoutePlan, first: Try) -> Command:
         """A try that a hedge may join after `hedge_after` (SPEC 8); returns the first command
-        after the round. Both tries are tasks of this TaskGroup, so nothing outlives the round:
-        when the machine moves on, the tries still running are cancelled (their connections
-        closed by upstream.py) and awaited."""
+        after the round, for `_forward` to carry out. Both tries are tasks of this TaskGroup, so
+        nothing outlives the round: when the machine moves on, the tries still running are
+        cancelled (their connections closed by upstream.py) and awaited."""
         steps, rs = ex.steps, ex.rs
         loop = asyncio.get_running_loop()
         running: dict[asyncio.Task[Answer | UpstreamFailure], int] = {}
+        ended: list[asyncio.Task[Answer | UpstreamFailure]] = []   # done, not yet told to the machine
         cmd: Command = first
         async with asyncio.TaskGroup() as tg:
             while True:
@@ -374,33 +376,31 @@ class Proxy:
                 match cmd:
                     case Try() | Hedge():
                         backend = rs.backends[cmd.index]
-                        ep = self._start(ex, cmd.no, backend, cmd.avoid_endpoint_of, cmd.no > 1)
-                        task = tg.create_task(self._try(ex, backend, ep, route.timeouts[cmd.index]))
-                        running[task] = cmd.no
+                        ep = self._start(ex, loop.time(), cmd.no, backend, cmd.avoid_endpoint_of, cmd.no > 1)
+                        running[tg.create_task(self._try(ex, backend, ep, route.timeouts[cmd.index]))] = cmd.no
                         if isinstance(cmd, Try) and cmd.hedge_at is not None:
                             timeout = max(0.0, cmd.hedge_at - loop.time())
                     case PickHedge():
                         now = loop.time()
-                        cmd = self._noted(ex, steps.picked(self._pick(ex, now, cmd.avoid), now))
+                        cmd = steps.picked(self._pick(ex, now, cmd.avoid), now)
                         continue
                     case Wait():
-                        pass
+                        if cmd.skipped is not None or cmd.release:
+                            self._note(ex, cmd)
                     case _:
                         break                               # the round is over
-                done, _ = await asyncio.wait(running, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-                if not done:                                # hedge_after passed
-                    cmd = self._noted(ex, steps.woke(loop.time()))
-                    continue
-                over = False
-                for task in done:
-                    no = running.pop(task)
-                    got = task.result()
-                    if over:                                # a loser that ended in the same instant
-                        if isinstance(got, Answer):
-                            got.close()
+                if not ended:
+                    done, _ = await asyncio.wait(running, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                    if not done:                            # hedge_after passed
+                        cmd = steps.woke(loop.time())
                         continue
-                    cmd = self._ended(ex, no, got, loop.time())
-                    over = not isinstance(cmd, Wait)
+                    ended.extend(done)
+                task = ended.pop()
+                cmd = self._ended(ex, running.pop(task), task.result(), loop.time())
+            for task in ended:                              # ended in the same instant as the winner
+                running.pop(task)
+                if isinstance(got := task.result(), Answer):
+                    got.close()
             for task in running:
                 task.cancel()                               # the losers; the TaskGroup awaits them
         return cmd
@@ -409,11 +409,11 @@ class Proxy:
         """Try `no` ended: keep its result and tell the machine."""
         ex.results[no - 1] = got
         if isinstance(got, Answer):
-            return self._noted(ex, ex.steps.ended(no, got.outcome, got.status, got.streaming, now))
-        return self._noted(ex, ex.steps.ended(no, got.outcome, None, False, now))
+            return ex.steps.ended(no, got.outcome, got.status, got.streaming, now)
+        return ex.steps.ended(no, got.outcome, None, False, now)
 
-    def _noted(self, ex: Exchange, cmd: Command) -> Command:
-        """What any command may carry besides its own action: a retry not made (counted, SPEC:
+    def _note(self, ex: Exchange, cmd: Command) -> None:
+        """What a command may carry besides its own action: a retry not made (counted, SPEC:
         never silent), and streamed answers no longer kept (closed; one named later stands as a
         failure, so that the backend that gave it is still named)."""
         if cmd.skipped is not None:
@@ -425,15 +425,13 @@ class Proxy:
                 got.close()
                 failure = ex.results[no - 1] = UpstreamFailure(got.outcome, f"answered {got.status}")
                 failure.backend = got.backend
-        return cmd
 
-    def _start(self, ex: Exchange, no: int, backend: Backend, avoid_endpoint_of: int, retry: bool) -> int:
+    def _start(self, ex: Exchange, now: float, no: int, backend: Backend, avoid_endpoint_of: int, retry: bool) -> int:
         """Try `no` starts on `backend`: its endpoint (another than try `avoid_endpoint_of`'s
         while one is usable), counted in `x-sidecar-attempts` and, for a retry or hedge, in
         `retries_total`."""
         assert ex.route is not None and len(ex.endpoints) == no - 1, (no, ex.endpoints)
-        avoid = ex.endpoints[avoid_endpoint_of - 1] if avoid_endpoint_of else None
-        ep = backend.pick(asyncio.get_running_loop().time(), self._rng, avoid)
+        ep = backend.pick(now, self._rng, ex.endpoints[avoid_endpoint_of - 1] if avoid_endpoint_of else None)
         assert ep is not None, "an available backend has a usable endpoint"
         ex.endpoints.append(ep)
         ex.results.append(None)
