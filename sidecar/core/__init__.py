@@ -1,5 +1,6 @@
-"""Pure decision logic: splitting, outcomes, breakers, budgets, retries, balancing, JSON
-paths, comparison, rolling windows and drift statistics.
+"""Pure decision logic: splitting, outcomes, breakers, budgets, retries, the retry/hedge/
+fallback step machine (attempts.py), balancing, JSON paths, comparison, rolling windows,
+drift statistics and log throttling.
 
 Nothing here awaits, logs or touches a socket. Allowed imports: the standard library,
 numpy, and scipy.stats (lazily, inside drift functions). Clocks (`now`, monotonic seconds)

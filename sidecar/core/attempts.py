@@ -12,8 +12,8 @@ as a script, and tests write it as one (tests/core/test_attempts.py, mitmproxy's
                                                                        another than `avoid` (split, sticky,
                                                                        override header and availability
                                                                        are the shell's); reply picked()
-    picked(index | None, now)                    Try(no, index, ...)   start try `no`; with `hedge_at`, wait
-                                                                       for it until then, else reply woke()
+    picked(index | None, now)                    Try(no, index, ...)   start try `no`; with `hedge_at`: not
+                                                                       ended by then, reply woke()
     ended(no, outcome, status, streamed, now)    PickHedge(avoid)      as Pick, for a hedge
     woke(now)                                    Hedge(no, index, ..)  start try `no` beside the one running
                                                  Wait()                wait for the next try to end
@@ -32,7 +32,8 @@ kept: the shell closes them, and one that a later command names stands as a fail
 ("answered 503"). Respond, Static and Fail end the request; when any command but Wait,
 PickHedge or Hedge follows tries that overlapped, the shell cancels those still running.
 
-The phases, in order (`Phase`):
+The phases, in order (`Phase`; HEDGE_PICK, FALLBACK_PICK and FALLBACK_TRYING are the
+waits for a reply inside TRYING and FALLBACK):
 
     PICK      one split backend for the next round (none available: the chain)
     TRYING    a round: one try, and a hedge when it has not answered after `hedge_after`. The
@@ -112,7 +113,7 @@ class Try(Command):
     no: int
     index: int                           # the split backend
     avoid_endpoint_of: int = 0           # an earlier try on this backend: prefer another endpoint
-    hedge_at: float | None = None        # wait for the try until then, then woke()
+    hedge_at: float | None = None        # a hedge may join if the try has not ended by then
 
 
 @dataclass(slots=True, repr=False)
@@ -283,8 +284,8 @@ class Attempts(RetryState):
         self._inflight -= 1
         release: tuple[int, ...] = ()
         r = self._r
-        # the round's result so far (as `_hedged` chose it): the first to end; replaced by a
-        # good one when it failed, or by an answer when it was no answer
+        # the round's result so far: the first try to end; replaced by a good one when it
+        # failed, or by an answer when it had none
         if r == 0 or (self._r_outcome.failed and not outcome.failed) or \
                 (status is not None and self._r_status is None):
             if r and self._r_status is not None and self._r_streamed:

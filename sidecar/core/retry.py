@@ -66,6 +66,8 @@ class NoRetry(StrEnum):
     STARTED = "response_started"
 
 
+_OK, _CLIENT_ERROR = Outcome.OK, Outcome.CLIENT_ERROR  # module names: cheaper than Enum reads (3.11)
+
 # Outcomes that are never retried whatever `retry.on` says: bytes already reached the
 # client, or the try was cancelled on purpose (a hedge that lost, a client that left).
 _NEVER = frozenset({Outcome.STREAM_BROKEN, Outcome.CANCELLED})
@@ -127,7 +129,7 @@ class RetryPolicy:
     def is_final(self, outcome: Outcome, status: int) -> bool:
         """Whether an answer goes to the client as it is, no retry considered: 1xx-3xx, or a
         4xx (the model's answer, SPEC 8) that `retry.on` does not list by its code."""
-        return outcome is Outcome.OK or (outcome is Outcome.CLIENT_ERROR and status not in self.on_statuses)
+        return outcome is _OK or (outcome is _CLIENT_ERROR and status not in self.on_statuses)
 
     def would_retry(self, outcome: Outcome, status: int | None) -> bool:
         """Whether `retry.on` covers this outcome; ignores tries left, deadline and budget."""
