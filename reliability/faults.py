@@ -351,7 +351,7 @@ async def _run_fault(fault: Fault, factory: u.UpstreamFactory, make_sidecar: Mak
     hits = started.hits if isinstance(started, u.Upstream) else None
 
     if fault.role == "shadow":
-        await asyncio.wait_for(sc.mirrors.wait_idle(), MIRROR_TIMEOUT_S + 5)
+        await asyncio.wait_for(sc.services.mirrors.wait_idle(), MIRROR_TIMEOUT_S + 5)
         text = await _metrics(session, sc)
         mirrored = {o: int(v) for o in ("agree", "disagree", "missing", "sent", "primary_unreadable", "shadow_error",
                                         "shadow_timeout", "dropped", "cancelled", "internal_error")

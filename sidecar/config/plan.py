@@ -28,6 +28,7 @@ from sidecar.config.model import (
     RouteConfig,
     split_listen,
 )
+from sidecar.core.attempts import Fallback
 from sidecar.core.balance import Balance, OutlierPolicy
 from sidecar.core.breaker import BreakerPolicy
 from sidecar.core.drift import DriftPolicy
@@ -51,7 +52,9 @@ class EndpointPlan:
     """One replica of a backend: where its pool connects and what it sends."""
 
     url: str
-    origin: str          # scheme://host:port, what the pool connects to
+    scheme: str          # "http" | "https"
+    host: str            # what the pool connects to (parsed here once: shell/upstream.py)
+    port: int
     base_path: str       # "" or "/base" (no trailing slash): prefixed to every request path
     host_header: str     # the Host header upstream: the endpoint's, not the client's
 
@@ -64,7 +67,9 @@ class EndpointPlan:
         host_text = f"[{host}]" if ":" in host else host
         return cls(
             url=url,
-            origin=f"{u.scheme}://{u.netloc}",
+            scheme=u.scheme,
+            host=host,
+            port=port,
             base_path=u.path.rstrip("/"),
             host_header=host_text if default_port else f"{host_text}:{port}",
         )
@@ -325,11 +330,9 @@ def _timeouts(retry: RetryConfig | None, backend: BackendPlan) -> TryTimeouts:
 def _retry_policy(cfg: RouteConfig) -> RetryPolicy:
     r = cfg.retry
     if r is None:
-        return RetryPolicy.single(cfg.timeout)
-    per_try = r.per_try_timeout or cfg.timeout   # informative: the per-backend TryTimeouts decide
+        return RetryPolicy.single()
     return RetryPolicy(
         attempts=r.attempts,
-        per_try_timeout_s=per_try,
         on_connect_error="connect-error" in r.on,
         on_timeout="timeout" in r.on,
         on_reset="reset" in r.on,
@@ -338,7 +341,6 @@ def _retry_policy(cfg: RouteConfig) -> RetryPolicy:
         backoff_base_s=r.backoff.base,
         backoff_max_s=r.backoff.max,
         other_backend=r.other_backend,
-        first_byte_timeout_s=r.first_byte_timeout or per_try,
         hedge_after_s=r.hedge_after,
     )
 
@@ -358,6 +360,7 @@ class RoutePlan:
     retry_budget: float | None             # share of requests; None: no retries, no budget
     timeouts: tuple[TryTimeouts, ...]      # per backend of the split, in split order
     fallback: tuple[FallbackPlan, ...]
+    fallback_kinds: tuple[Fallback, ...]   # of each step, in chain order: what core/attempts.py walks
     fingerprint: str
     mirrors: tuple[MirrorPlan, ...] = ()   # shadows, in config order
     monitor: MonitorPlan | None = None
@@ -398,6 +401,7 @@ class RoutePlan:
             retry_budget=cfg.retry.budget if cfg.retry is not None else None,
             timeouts=tuple(_timeouts(cfg.retry, backends[b]) for b in cfg.split),
             fallback=tuple(fallback),
+            fallback_kinds=tuple(Fallback.BACKEND if f.backend is not None else Fallback.RESPONSE for f in fallback),
             # a route changes when its own section or a backend it uses changes (docs/operations.md#hot-reload)
             fingerprint=_fingerprint(cfg.model_dump(mode="json"), [backends[b].fingerprint for b in used]),
             mirrors=tuple(MirrorPlan.build(cfg.name, m, backends, redact) for m in cfg.mirror),
@@ -406,12 +410,6 @@ class RoutePlan:
             feedback=FeedbackPlan.build(cfg.name, cfg.feedback, cfg.monitor.window if cfg.monitor is not None
                                         else DEFAULT_WINDOW) if cfg.feedback is not None else None,
         )
-
-    @property
-    def redact_paths(self) -> tuple[JsonPath, ...]:
-        """The sample log's redact paths; mirrors apply them to disagreements too."""
-        m = self.monitor
-        return m.log.redact if m is not None and m.log is not None else ()
 
     def backend_index(self, name: str) -> int | None:
         try:

@@ -1,6 +1,7 @@
-"""Pure decision logic: splitting, outcomes, breakers, budgets, retries, balancing, JSON
-paths, comparison, rolling windows, drift statistics, and progressive rollout (gates, the
-sequential error test, the rollout state machine).
+"""Pure decision logic: splitting, outcomes, breakers, budgets, retries, the retry/hedge/
+fallback step machine (attempts.py), balancing, JSON paths, comparison, rolling windows,
+drift statistics, log throttling, the feedback store and metrics, and progressive rollout
+(gates, the sequential error test, the rollout state machine).
 
 Nothing here awaits, logs or touches a socket. Allowed imports: the standard library,
 numpy, and scipy.stats (lazily, inside the drift and gate functions that need a p-value).

@@ -3,7 +3,10 @@
 docs/resilience.md: a try fails when it is a connect error, a timeout, a reset or a 5xx. A 4xx is the
 model's answer: no retry, no fallback, no breaker count. Every consumer (retries, circuit
 breakers, outlier ejection, metrics, access log) classifies through here, once per try, as
-linkerd's classifier does.
+linkerd's classifier does: an answer carries its Outcome from where it is read
+(shell/upstream.py `Answer.outcome`), a failure from where it is mapped (`map_exception`),
+and the request's own, the answer the client got, travels on its `Exchange`
+(shell/proxy.py); consumers ask `.failed`, never a status or a string.
 
 Imports: standard library only.
 """
@@ -26,9 +29,7 @@ class Outcome(StrEnum):
     STREAM_BROKEN = "stream_broken"  # a streamed answer broke after bytes reached the client
     CANCELLED = "cancelled"          # a hedge that lost the race, or the client went away
 
-    @property
-    def failed(self) -> bool:
-        return self in _FAILED
+    failed: bool                     # set below, per member: whether the try failed
 
 
 _FAILED = frozenset(
@@ -41,12 +42,21 @@ _FAILED = frozenset(
         Outcome.STREAM_BROKEN,
     }
 )
+# A plain attribute of each member, read on every try: a property would hash the member
+# (Enum's __hash__ is Python code) on each read.
+for _outcome in Outcome:
+    _outcome.failed = _outcome in _FAILED
+del _outcome
+
+# Members as module names where every answer reads them: in CPython 3.11 an Enum member read
+# through its class costs about five times a global (EnumType's attribute lookup).
+_OK, _CLIENT_ERROR, _SERVER_ERROR = Outcome.OK, Outcome.CLIENT_ERROR, Outcome.SERVER_ERROR
 
 
 def classify_status(status: int) -> Outcome:
     """Outcome of a try that produced an HTTP answer with this status."""
     if status >= 500:
-        return Outcome.SERVER_ERROR
+        return _SERVER_ERROR
     if status >= 400:
-        return Outcome.CLIENT_ERROR
-    return Outcome.OK
+        return _CLIENT_ERROR
+    return _OK

@@ -18,6 +18,9 @@ Jitter"): retry k waits rng() * min(max, base * 2**(k-1)).
 
 Hedges (docs/resilience.md#hedging) are tries: they count in `attempts` and spend the retry budget.
 
+The timeouts of a try are not here: they depend on the backend too (`RoutePlan.timeouts`).
+What to do next with these answers, round by round, is core/attempts.py's.
+
 Imports: standard library and sidecar.core.budget / sidecar.core.outcome.
 """
 
@@ -63,6 +66,8 @@ class NoRetry(StrEnum):
     STARTED = "response_started"
 
 
+_OK, _CLIENT_ERROR = Outcome.OK, Outcome.CLIENT_ERROR  # module names: cheaper than Enum reads (3.11)
+
 # Outcomes that are never retried whatever `retry.on` says: bytes already reached the
 # client, or the try was cancelled on purpose (a hedge that lost, a client that left).
 _NEVER = frozenset({Outcome.STREAM_BROKEN, Outcome.CANCELLED})
@@ -73,7 +78,6 @@ class RetryPolicy:
     """`routes[].retry`, compiled. Durations in seconds."""
 
     attempts: int
-    per_try_timeout_s: float
     on_connect_error: bool
     on_timeout: bool
     on_reset: bool  # also covers Outcome.PROTOCOL_ERROR
@@ -82,7 +86,6 @@ class RetryPolicy:
     backoff_base_s: float
     backoff_max_s: float
     other_backend: bool
-    first_byte_timeout_s: float
     hedge_after_s: float | None
     # Derived once from the on_* flags, so would_retry is one set lookup.
     _retry_on: frozenset[Outcome] = field(init=False, repr=False, compare=False)
@@ -90,10 +93,6 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.attempts < 1:
             raise ValueError(f"attempts must be >= 1, got {self.attempts}")
-        if not self.per_try_timeout_s > 0:
-            raise ValueError(f"per_try_timeout_s must be > 0, got {self.per_try_timeout_s}")
-        if not self.first_byte_timeout_s > 0:
-            raise ValueError(f"first_byte_timeout_s must be > 0, got {self.first_byte_timeout_s}")
         if not 0 <= self.backoff_base_s <= self.backoff_max_s < math.inf:
             raise ValueError(
                 f"backoff needs 0 <= base <= max, got base={self.backoff_base_s} max={self.backoff_max_s}"
@@ -112,11 +111,10 @@ class RetryPolicy:
         object.__setattr__(self, "_retry_on", frozenset(on))
 
     @classmethod
-    def single(cls, timeout_s: float) -> RetryPolicy:
-        """A route without `retry`: one try, bounded by `timeout_s`, never retried."""
+    def single(cls) -> RetryPolicy:
+        """A route without `retry`: one try, never retried."""
         return cls(
             attempts=1,
-            per_try_timeout_s=timeout_s,
             on_connect_error=False,
             on_timeout=False,
             on_reset=False,
@@ -125,9 +123,13 @@ class RetryPolicy:
             backoff_base_s=0.0,
             backoff_max_s=0.0,
             other_backend=False,
-            first_byte_timeout_s=timeout_s,
             hedge_after_s=None,
         )
+
+    def is_final(self, outcome: Outcome, status: int) -> bool:
+        """Whether an answer goes to the client as it is, no retry considered: 1xx-3xx, or a
+        4xx (the model's answer, docs/resilience.md) that `retry.on` does not list by its code."""
+        return outcome is _OK or (outcome is _CLIENT_ERROR and status not in self.on_statuses)
 
     def would_retry(self, outcome: Outcome, status: int | None) -> bool:
         """Whether `retry.on` covers this outcome; ignores tries left, deadline and budget."""
@@ -178,13 +180,14 @@ class RetryState:
             return NoRetry.BUDGET
         return delay
 
+    def would_hedge(self, now: float) -> bool:
+        """Whether a hedge may be sent now, the budget aside: hedging on, a try and time left."""
+        policy = self.policy
+        return policy.hedge_after_s is not None and self.tries < policy.attempts and now + MIN_TRY_S < self.deadline
+
     def try_hedge(self, now: float) -> bool:
         """Whether to send a hedge now; when True, the hedge's budget unit is spent.
 
         The caller then makes the hedge try (and calls `record_try`).
         """
-        if self.policy.hedge_after_s is None or self.tries >= self.policy.attempts:
-            return False
-        if now + MIN_TRY_S >= self.deadline:
-            return False
-        return self.budget is None or self.budget.try_spend(now)
+        return self.would_hedge(now) and (self.budget is None or self.budget.try_spend(now))

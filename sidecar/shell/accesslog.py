@@ -6,7 +6,7 @@ writes it to stdout with a single `os.write` loop. The pending list is bounded: 
 `MAX_PENDING` lines (the writer cannot keep up, stdout is blocked) lines are dropped and
 counted in `sidecar_access_log_dropped_total`, never queued without bound.
 
-Imports: stdlib, orjson, sidecar.shell.metrics.
+Imports: stdlib, orjson, sidecar.shell.formats/metrics.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import asyncio
 import contextlib
 import os
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Final
 
 import orjson
 
+from sidecar.shell.formats import utc_iso
 from sidecar.shell.metrics import Cell
 
 FLUSH_S: Final = 0.2
@@ -53,7 +53,7 @@ def _format(batch: list[Record]) -> bytes:
             if isinstance(v, float):
                 d[k] = round(v, 6)
         d["trace_id"] = trace_id(rec[14])  # the raw traceparent header; parsed here, off the loop
-        d["time"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+        d["time"] = utc_iso(t)
         out.append(orjson.dumps(d, option=orjson.OPT_APPEND_NEWLINE))
     return b"".join(out)
 

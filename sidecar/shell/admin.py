@@ -45,6 +45,8 @@ without a traceback.
 capabilities (mirrors, drift). A failing provider is logged and left out; the rest still
 answers.
 
+The server is seen through `AdminHost`, so this module does not import shell/server.py.
+
 Imports: stdlib, aiohttp, orjson, prometheus_client, sidecar.config, sidecar.shell.
 """
 
@@ -59,7 +61,8 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Final
+from pathlib import Path
+from typing import Any, Final, Protocol
 
 import orjson
 from aiohttp import web
@@ -69,19 +72,33 @@ from sidecar import __version__
 from sidecar.config.load import place_of
 from sidecar.config.plan import Plan, RoutePlan
 from sidecar.shell.openapi import openapi_document
-from sidecar.shell.reload import Result
+from sidecar.shell.proxy import Proxy
+from sidecar.shell.reload import Reloader, Result
 from sidecar.shell.runtime import Runtime
+from sidecar.shell.services import Services
 from sidecar.shell.state import InvalidWeights, merge_weights
-
-if TYPE_CHECKING:
-    from sidecar.shell.server import Sidecar
 
 log = logging.getLogger("sidecar.admin")
 
-SIDECAR_KEY: web.AppKey[Sidecar] = web.AppKey("sidecar")
-PAGE_KEY: web.AppKey[bytes] = web.AppKey("status_page")
-
 StatusProvider = Callable[[], Mapping[str, Any]]
+
+
+class AdminHost(Protocol):
+    """What the admin API reads and drives of the server (shell/server.py `Sidecar`)."""
+
+    proxy: Proxy                  # the runtime serving now; requests in flight
+    services: Services            # metrics, mirrors, monitor, weight overrides
+    reloader: Reloader            # POST /admin/reload and the last result
+    ready: asyncio.Event
+    draining: bool
+    started_at: float
+    admin_port: int               # the bound port (the Host check compares with it)
+    config_path: Path | None
+    status_providers: list[StatusProvider]
+
+
+SIDECAR_KEY: web.AppKey[AdminHost] = web.AppKey("sidecar")
+PAGE_KEY: web.AppKey[bytes] = web.AppKey("status_page")
 
 PUBLIC_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics", "/"})
 SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -229,19 +246,19 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[SIDECAR_KEY].proxy.runtime.metrics.render()
+    body = request.app[SIDECAR_KEY].services.metrics.render()
     return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST})
 
 
 async def mirrors(request: web.Request) -> web.Response:
     """GET /admin/mirrors: per route and shadow, see shell/mirror.py `Mirrors.status_json`."""
     sidecar = request.app[SIDECAR_KEY]
-    return web.json_response({"mirrors": sidecar.mirrors.status_json(sidecar.proxy.runtime.plan)})
+    return web.json_response({"mirrors": sidecar.services.mirrors.status_json(sidecar.proxy.runtime.plan)})
 
 
 async def drift(request: web.Request) -> web.Response:
     """Per route, backend and feature, the last drift pass (shell/monitor.py)."""
-    return web.json_response(request.app[SIDECAR_KEY].proxy.runtime.monitor.drift_json())
+    return web.json_response(request.app[SIDECAR_KEY].services.monitor.drift_json())
 
 
 # -- status ---------------------------------------------------------------------------------------------
@@ -262,10 +279,10 @@ def _mask_userinfo(m: re.Match[str]) -> str:
     return m.group(0) if not colon else f"{m.group('pre')}{user}:{MASK}@"
 
 
-def route_status(sidecar: Sidecar, rt: Runtime, route: RoutePlan) -> dict[str, Any]:
+def route_status(sidecar: AdminHost, rt: Runtime, route: RoutePlan) -> dict[str, Any]:
     split = rt.splits[route.name]
     shares = split.shares(rt.available(route.name))
-    override = sidecar.overrides.by_route.get(route.name)
+    override = sidecar.services.overrides.by_route.get(route.name)
     return {
         "name": route.name,
         "match": {"path_prefix": route.path_prefix,
@@ -285,11 +302,11 @@ def route_status(sidecar: Sidecar, rt: Runtime, route: RoutePlan) -> dict[str, A
     }
 
 
-def backend_status(sidecar: Sidecar, rt: Runtime, name: str) -> dict[str, Any]:
+def backend_status(sidecar: AdminHost, rt: Runtime, name: str) -> dict[str, Any]:
     plan = rt.plan.backends[name]
     backend = rt.backends[name]
     now = asyncio.get_running_loop().time()
-    latency = rt.monitor.backend_summary(name)
+    latency = sidecar.services.monitor.backend_summary(name)
     endpoints = backend.endpoints
     doc: dict[str, Any] = {
         "name": name,
@@ -314,7 +331,7 @@ def backend_status(sidecar: Sidecar, rt: Runtime, name: str) -> dict[str, Any]:
     return doc
 
 
-def status_document(sidecar: Sidecar) -> dict[str, Any]:
+def status_document(sidecar: AdminHost) -> dict[str, Any]:
     rt = sidecar.proxy.runtime
     plan = rt.plan
     last = sidecar.reloader.last
@@ -323,7 +340,7 @@ def status_document(sidecar: Sidecar) -> dict[str, Any]:
         "sidecar_version": __version__,
         "version": plan.version,
         "config_path": str(sidecar.config_path) if sidecar.config_path else None,
-        "state_dir": str(sidecar.overrides.state_dir) if sidecar.overrides.state_dir else None,
+        "state_dir": str(state_dir) if (state_dir := sidecar.services.overrides.state_dir) else None,
         "started_at": sidecar.started_at,
         "uptime_s": round(now - sidecar.started_at, 3),
         "ready": sidecar.ready.is_set(),
@@ -388,7 +405,7 @@ async def reload(request: web.Request) -> web.Response:
     return json_response(res.as_json())
 
 
-def _route_or_404(sidecar: Sidecar, name: str) -> RoutePlan | web.Response:
+def _route_or_404(sidecar: AdminHost, name: str) -> RoutePlan | web.Response:
     plan = sidecar.proxy.runtime.plan
     route = plan.routes_by_name.get(name)
     if route is None:
@@ -412,13 +429,13 @@ async def put_weights(request: web.Request) -> web.Response:
         return route
     rt = sidecar.proxy.runtime
     try:
-        weights = merge_weights(route, sidecar.overrides.weights_of(route), body)
+        weights = merge_weights(route, sidecar.services.overrides.weights_of(route), body)
     except InvalidWeights as e:
         return admin_error(400, "invalid_weights", str(e), route=route.name)
-    sidecar.overrides.set(rt, route, weights)
+    sidecar.services.overrides.set(rt, route, weights)
     log.info("weights of route %s set by the admin API: %s", route.name,
              ", ".join(f"{b}={w:g}" for b, w in weights.items()))
-    persisted = await sidecar.overrides.save()
+    persisted = await sidecar.services.overrides.save()
     return json_response({**route_status(sidecar, rt, route), "persisted": persisted})
 
 
@@ -428,9 +445,9 @@ async def delete_weights(request: web.Request) -> web.Response:
     if isinstance(route, web.Response):
         return route
     rt = sidecar.proxy.runtime
-    if sidecar.overrides.clear(rt, route):
+    if sidecar.services.overrides.clear(rt, route):
         log.info("weight override of route %s cleared by the admin API", route.name)
-    persisted = await sidecar.overrides.save()
+    persisted = await sidecar.services.overrides.save()
     return json_response({**route_status(sidecar, rt, route), "persisted": persisted})
 
 
@@ -446,7 +463,7 @@ async def openapi(request: web.Request) -> web.Response:
     return json_response(openapi_document())
 
 
-def build_admin_app(sidecar: Sidecar) -> web.Application:
+def build_admin_app(sidecar: AdminHost) -> web.Application:
     app = web.Application(middlewares=[_guard])
     app[SIDECAR_KEY] = sidecar
     app[PAGE_KEY] = resources.files("sidecar.shell").joinpath("static/status.html").read_bytes()

@@ -39,7 +39,7 @@ from sidecar.config.plan import BackendPlan
 from sidecar.core.balance import EndpointSet
 from sidecar.core.breaker import Breaker, CircuitState
 from sidecar.core.health import HealthTracker
-from sidecar.core.outcome import Outcome, classify_status
+from sidecar.core.outcome import Outcome
 from sidecar.shell.upstream import Answer, UpstreamFailure, UpstreamPool
 
 log = logging.getLogger("sidecar.backend")
@@ -130,7 +130,7 @@ class Backend:
                 breaker.release(loop.time())
             raise
         answer.backend = self.name
-        self._record(i, classify_status(answer.status).failed, loop.time())
+        self._record(i, answer.outcome.failed, loop.time())
         if answer.streaming:  # still in flight for least_request until the stream ends (_stream_done)
             endpoints.inflight[i] += 1
         return answer

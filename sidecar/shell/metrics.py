@@ -6,7 +6,8 @@ per request. All our writers run on the one event loop thread, so a child here i
 cell updated with `+=` (a histogram adds one `bisect`), and prometheus_client is used for
 what it is best at: exposition. `SidecarCollector` turns the cells into metric families at
 scrape time, and gauges that mirror live state (inflight, circuit state, weights) are read
-from callbacks then, costing nothing per request.
+from callbacks then, costing nothing per request. The callbacks are bound in one place,
+shell/services.py `Services.bind_gauges`; a `CallbackGauge` reads nothing until then.
 
 NOTE: the cells are not thread-safe. Only the event loop thread may update them; worker
 threads (drift, file writes) report back through the loop.
@@ -267,7 +268,6 @@ class Metrics:
             "malformed_requests_total", "Requests refused by the HTTP parser (400, connection closed).", ())
         self.open_connections = CallbackGauge("open_connections", "Open client connections on the proxy listener.", ())
         self.event_loop_tasks = CallbackGauge("event_loop_tasks", "asyncio tasks alive in the event loop.", ())
-        self.event_loop_tasks.read = _task_count
         self.families += [self.client_timeouts, self.malformed_requests, self.open_connections, self.event_loop_tasks]
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_SidecarCollector(self))
@@ -277,7 +277,7 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def _task_count() -> list[tuple[tuple[str, ...], float]]:
+def loop_task_samples() -> list[tuple[tuple[str, ...], float]]:
     """asyncio tasks alive at scrape time (the scrape runs on the loop); a leak shows as growth."""
     try:
         return [((), float(len(asyncio.all_tasks())))]

@@ -30,7 +30,7 @@ NOTE: parsing and comparing run on the event loop thread. For model-sized answer
 microseconds; a route comparing multi-megabyte answers at 100% will show it in the bench.
 
 Outcome values of `mirror_requests_total{route,backend,outcome}`, one per sampled request
-and shadow (OUTCOMES below): agree, disagree, missing (the path found nothing in either
+and shadow (`MirrorOutcome` below): agree, disagree, missing (the path found nothing in either
 answer; not in the ratio), sent (the shadow answered, no `compare` configured),
 primary_unreadable (`compare` set but the primary answer was not read whole: streamed, too
 big, or the primary failed), shadow_error (connect error, reset, protocol error, 5xx, or an
@@ -53,6 +53,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
@@ -60,9 +61,11 @@ import orjson
 from sidecar.config.plan import MirrorPlan, Plan, RoutePlan
 from sidecar.core.compare import AgreementWindow, Disagreement, DisagreementLog, Verdict, compare_values
 from sidecar.core.jsonpath import JsonPath, redact_all
-from sidecar.core.outcome import Outcome, classify_status
+from sidecar.core.outcome import Outcome
 from sidecar.core.split import key_hash
+from sidecar.core.throttle import Throttle
 from sidecar.shell.backend import Backend, CircuitRefused
+from sidecar.shell.formats import load_json
 from sidecar.shell.metrics import Cell, Metrics
 from sidecar.shell.upstream import Answer, UpstreamFailure
 
@@ -80,22 +83,27 @@ _KEY_SALT: Final = b"mirror\x00"  # keyed sampling is independent of the sticky 
 DROP_LOG_EVERY_S: Final = 10.0  # drops are counted each time, logged at most this often per shadow
 _TWO_64: Final = float(2**64)  # key_hash is 64-bit: hash < threshold * 2**64 (exact compare)
 
-AGREE: Final = "agree"
-DISAGREE: Final = "disagree"
-MISSING: Final = "missing"
-SENT: Final = "sent"
-PRIMARY_UNREADABLE: Final = "primary_unreadable"
-SHADOW_ERROR: Final = "shadow_error"
-SHADOW_TIMEOUT: Final = "shadow_timeout"
-DROPPED: Final = "dropped"
-CANCELLED: Final = "cancelled"
-SKIPPED_METHOD: Final = "skipped_method"
-SKIPPED_BODY: Final = "skipped_body"
-SKIPPED_UNAVAILABLE: Final = "skipped_unavailable"
-INTERNAL_ERROR: Final = "internal_error"
-OUTCOMES: Final = (AGREE, DISAGREE, MISSING, SENT, PRIMARY_UNREADABLE, SHADOW_ERROR, SHADOW_TIMEOUT,
-                   DROPPED, CANCELLED, SKIPPED_METHOD, SKIPPED_BODY, SKIPPED_UNAVAILABLE, INTERNAL_ERROR)
-_VERDICT_OUTCOME: Final = {Verdict.AGREE: AGREE, Verdict.DISAGREE: DISAGREE, Verdict.MISSING: MISSING}
+
+class MirrorOutcome(StrEnum):
+    """What one shadow copy came to; the values are the `outcome` metric label (docstring above)."""
+
+    AGREE = "agree"
+    DISAGREE = "disagree"
+    MISSING = "missing"
+    SENT = "sent"
+    PRIMARY_UNREADABLE = "primary_unreadable"
+    SHADOW_ERROR = "shadow_error"
+    SHADOW_TIMEOUT = "shadow_timeout"
+    DROPPED = "dropped"
+    CANCELLED = "cancelled"
+    SKIPPED_METHOD = "skipped_method"
+    SKIPPED_BODY = "skipped_body"
+    SKIPPED_UNAVAILABLE = "skipped_unavailable"
+    INTERNAL_ERROR = "internal_error"
+
+
+_VERDICT_OUTCOME: Final = {Verdict.AGREE: MirrorOutcome.AGREE, Verdict.DISAGREE: MirrorOutcome.DISAGREE,
+                           Verdict.MISSING: MirrorOutcome.MISSING}
 
 
 def key_share_below(key: str, threshold: float) -> bool:
@@ -106,23 +114,22 @@ def key_share_below(key: str, threshold: float) -> bool:
 class MirrorStats:
     """What one (route, shadow) has seen; kept by name across reloads."""
 
-    __slots__ = ("cells", "compare_fingerprint", "disagreements", "dropped_logged_at", "inflight", "sent", "window")
+    __slots__ = ("cells", "compare_fingerprint", "disagreements", "inflight", "sent", "window")
 
     def __init__(self, plan: MirrorPlan, metrics: Metrics) -> None:
-        self.cells: dict[str, Cell] = {o: metrics.mirror_requests.labels(plan.route, plan.backend, o)
-                                       for o in OUTCOMES}
+        self.cells: dict[MirrorOutcome, Cell] = {o: metrics.mirror_requests.labels(plan.route, plan.backend, o)
+                                                 for o in MirrorOutcome}
         self.inflight = 0   # mirror tasks of this pair running now (the max_inflight cap)
         self.sent = 0       # mirror requests started (everything but dropped and skipped)
         self.compare_fingerprint = plan.compare_fingerprint
         self.window = AgreementWindow(plan.window)
         self.disagreements = DisagreementLog(DISAGREEMENTS_KEPT)
-        self.dropped_logged_at = -DROP_LOG_EVERY_S
 
-    def count(self, outcome: str) -> None:
+    def count(self, outcome: MirrorOutcome) -> None:
         self.cells[outcome].value += 1
 
     def json(self, plan: MirrorPlan) -> dict[str, Any]:
-        outcomes = {o: int(c.value) for o, c in self.cells.items()}
+        outcomes = {str(o): int(c.value) for o, c in self.cells.items()}
         return {
             "route": plan.route,
             "backend": plan.backend,
@@ -131,7 +138,7 @@ class MirrorStats:
             "compare": None if plan.compare_path is None else {
                 "path": plan.compare_path.text, "tolerance": plan.tolerance, "rel_tolerance": plan.rel_tolerance},
             "sent": self.sent,
-            "dropped": outcomes[DROPPED],
+            "dropped": outcomes[MirrorOutcome.DROPPED],
             "inflight": self.inflight,
             "agreement": self.window.ratio,
             "compared": self.window.count,
@@ -175,7 +182,7 @@ class MirrorTicket:
 
 
 class Mirrors:
-    """Owns every mirror task and the per (route, shadow) statistics. One per Sidecar."""
+    """Owns every mirror task and the per (route, shadow) statistics. One per process (shell/services.py)."""
 
     def __init__(self, metrics: Metrics, rng: Callable[[], float], plan: Plan | None = None,
                  clock: Callable[[], float] = time.time) -> None:
@@ -185,7 +192,7 @@ class Mirrors:
         self._stats: dict[tuple[str, str], MirrorStats] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
-        metrics.mirror_agreement.read = self._agreement_samples
+        self._drop_log = Throttle(DROP_LOG_EVERY_S)   # by (route, shadow)
         if plan is not None:
             self.retain(plan)
 
@@ -234,11 +241,11 @@ class Mirrors:
                 continue
             stats = self._stats_for(m)
             if request.method not in m.methods:
-                stats.count(SKIPPED_METHOD)
+                stats.count(MirrorOutcome.SKIPPED_METHOD)
             elif m.max_body_bytes is not None and len(body) > m.max_body_bytes:
-                stats.count(SKIPPED_BODY)
+                stats.count(MirrorOutcome.SKIPPED_BODY)
             elif not rt.backends[m.backend].available(asyncio.get_running_loop().time()):
-                stats.count(SKIPPED_UNAVAILABLE)  # decided now: no ticket, no whole primary answer
+                stats.count(MirrorOutcome.SKIPPED_UNAVAILABLE)  # decided now: no ticket, no whole primary answer
             elif targets is None:
                 targets = [(m, stats)]
             else:
@@ -254,13 +261,13 @@ class Mirrors:
         now = asyncio.get_running_loop().time()
         for m, stats in ticket.targets:
             if self._closed or stats.inflight >= m.max_inflight:
-                stats.count(DROPPED)
-                self._log_drop(m, stats)
+                stats.count(MirrorOutcome.DROPPED)
+                self._log_drop(m)
                 continue
             backend = ticket.backends[m.backend]
             endpoint = backend.pick(now, self._rng) if backend.available(now) else None
             if endpoint is None:  # became unavailable while the primary was answering
-                stats.count(SKIPPED_UNAVAILABLE)
+                stats.count(MirrorOutcome.SKIPPED_UNAVAILABLE)
                 continue
             if shadow_headers is None:
                 shadow_headers = [*ticket.headers, SHADOW_HEADER]
@@ -270,10 +277,8 @@ class Mirrors:
             kept = primary_body if m.compare_path is not None else None
             self._spawn(self._run(m, stats, backend, endpoint, ticket, shadow_headers, kept))
 
-    def _log_drop(self, m: MirrorPlan, stats: MirrorStats) -> None:
-        now = time.monotonic()
-        if now - stats.dropped_logged_at >= DROP_LOG_EVERY_S:
-            stats.dropped_logged_at = now
+    def _log_drop(self, m: MirrorPlan) -> None:
+        if self._drop_log.try_pass(time.monotonic(), m.key):
             log.warning("mirror %s -> %s: %s; dropping mirrors (counted in outcome=dropped)", m.route, m.backend,
                         "shutting down" if self._closed else f"{m.max_inflight} in flight (max_inflight)")
 
@@ -287,11 +292,11 @@ class Mirrors:
 
     async def _run(self, m: MirrorPlan, stats: MirrorStats, backend: Backend, endpoint: int, ticket: MirrorTicket,
                    headers: list[tuple[str, str]], primary_body: bytes | None) -> None:
-        outcome = INTERNAL_ERROR
+        outcome = MirrorOutcome.INTERNAL_ERROR
         try:
             outcome = await self._mirror_once(m, stats, backend, endpoint, ticket, headers, primary_body)
         except asyncio.CancelledError:
-            outcome = CANCELLED
+            outcome = MirrorOutcome.CANCELLED
             raise
         except Exception:
             log.exception("mirror of request %s to %s failed inside the sidecar", ticket.request_id, m.backend)
@@ -300,7 +305,8 @@ class Mirrors:
             stats.count(outcome)
 
     async def _mirror_once(self, m: MirrorPlan, stats: MirrorStats, backend: Backend, endpoint: int,
-                           ticket: MirrorTicket, headers: list[tuple[str, str]], primary_body: bytes | None) -> str:
+                           ticket: MirrorTicket, headers: list[tuple[str, str]],
+                           primary_body: bytes | None) -> MirrorOutcome:
         compare = m.compare_path is not None
         deadline = asyncio.get_running_loop().time() + m.timeout_s
         answer: Answer | None = None
@@ -309,33 +315,33 @@ class Mirrors:
             # answer; a streamed answer's chunks are read under the same deadline
             answer = await backend.try_(endpoint, ticket.method, ticket.raw_path, headers, ticket.body, deadline,
                                         deadline, buffer_limit=ticket.read_limit if compare else None)
-            if classify_status(answer.status) is Outcome.SERVER_ERROR:
-                return SHADOW_ERROR
+            if answer.outcome is Outcome.SERVER_ERROR:
+                return MirrorOutcome.SHADOW_ERROR
             shadow_body = answer.body
             if shadow_body is None:
                 async with asyncio.timeout_at(deadline):
                     shadow_body = await _read_stream(answer, ticket.read_limit if compare else None, m.timeout_s)
         except CircuitRefused:
-            return SKIPPED_UNAVAILABLE  # the half-open probe slots were taken since _send
+            return MirrorOutcome.SKIPPED_UNAVAILABLE  # the half-open probe slots were taken since _send
         except UpstreamFailure as f:
-            return SHADOW_TIMEOUT if f.timed_out else SHADOW_ERROR
+            return MirrorOutcome.SHADOW_TIMEOUT if f.timed_out else MirrorOutcome.SHADOW_ERROR
         except TimeoutError:
-            return SHADOW_TIMEOUT
+            return MirrorOutcome.SHADOW_TIMEOUT
         finally:
             if answer is not None:
                 answer.close()  # no-op unless a stream was left unread
         if m.compare_path is None:
-            return SENT
+            return MirrorOutcome.SENT
         if primary_body is None:
-            return PRIMARY_UNREADABLE
+            return MirrorOutcome.PRIMARY_UNREADABLE
         if shadow_body is None:
-            return SHADOW_ERROR  # larger than the compare limit
+            return MirrorOutcome.SHADOW_ERROR  # larger than the compare limit
         return self._compare(m, m.compare_path, stats, ticket.request_id, primary_body, shadow_body)
 
     def _compare(self, m: MirrorPlan, path: JsonPath, stats: MirrorStats, request_id: str,
-                 primary_body: bytes, shadow_body: bytes) -> str:
-        primary_doc = _parse(primary_body)
-        shadow_doc = _parse(shadow_body)
+                 primary_body: bytes, shadow_body: bytes) -> MirrorOutcome:
+        primary_doc = load_json(primary_body)
+        shadow_doc = load_json(shadow_body)
         primary = path.find(primary_doc)
         shadow = path.find(shadow_doc)
         verdict = compare_values(primary, shadow, m.tolerance, m.rel_tolerance)
@@ -380,7 +386,7 @@ class Mirrors:
         under "mirrors" (and `/admin/status` may embed)."""
         return [self._stats_for(m).json(m) for route in plan.routes for m in route.mirrors]
 
-    def _agreement_samples(self) -> list[tuple[tuple[str, ...], float]]:
+    def agreement_samples(self) -> list[tuple[tuple[str, ...], float]]:
         return [(key, ratio) for key, stats in self._stats.items() if (ratio := stats.window.ratio) is not None]
 
 
@@ -396,14 +402,6 @@ async def _read_stream(answer: Answer, cap: int | None, idle_s: float) -> bytes 
             return None
         parts.append(chunk)
     return b"".join(parts)
-
-
-def _parse(body: bytes) -> Any:
-    """The JSON document of an answer, or None (then every path finds nothing: a missing sample)."""
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
 
 
 def _shown(path: JsonPath, values: list[Any]) -> Any:

@@ -1,6 +1,6 @@
 """Monitoring: rolling latency per (route, backend), payload sampling, drift, the sample log.
 
-Owns, per process (one `Monitor`, carried from Runtime to Runtime across reloads):
+Owns, per process (one `Monitor`, owned by shell/services.py; a reload calls `apply`):
 
 - latency windows: `core.window.LatencyWindow` per (route, backend) and per backend, fed by
   EVERY request from the proxy's log phase (`record`: one dict lookup, two ring writes);
@@ -34,7 +34,7 @@ change: latency windows when the backend's fingerprint is the same and the route
 uses it; feature windows when the feature's config, the window size, the reference and the
 backend are the same. A reference file is re-read on every reload.
 
-Imports: stdlib, numpy, orjson, sidecar.config, sidecar.core, sidecar.shell.metrics/samplelog.
+Imports: stdlib, numpy, orjson, sidecar.config, sidecar.core, sidecar.shell.formats/reference/samplelog.
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ import orjson
 from sidecar.config.plan import FeaturePlan, MonitorPlan, Plan, RoutePlan
 from sidecar.core.drift import DriftResult, judge
 from sidecar.core.jsonpath import redact_all
+from sidecar.core.outcome import Outcome
 from sidecar.core.window import FeatureWindow, LatencySummary, LatencyWindow, as_category, as_number
-from sidecar.shell.metrics import Metrics
+from sidecar.shell.formats import load_json, utc_iso
 from sidecar.shell.reference import REDACTED
 from sidecar.shell.samplelog import SampleLog
 
@@ -69,7 +70,6 @@ LATENCY_WINDOW: Final = 2048              # requests per (route, backend) latenc
 MAX_PENDING: Final = 10_000               # samples waiting for the worker ...
 MAX_PENDING_BYTES: Final = 64 * 1024**2   # ... and their bodies' bytes
 QUANTILES: Final = (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99"))
-_NOT_JSON: Final[Any] = object()
 _EMPTY: Final = np.empty(0, dtype=np.float64)
 
 # (monitor plan, backend, request id, wall time, request body, status, response body or None, draw)
@@ -120,8 +120,8 @@ class _FeatureState:
 
 
 @dataclass(slots=True)
-class _RouteState:
-    """Worker-owned state of one monitored route."""
+class _MonitoredRoute:
+    """Worker-owned state of one monitored route (not the proxy's runtime RouteState)."""
 
     plan: MonitorPlan
     backends: tuple[str, ...]
@@ -175,9 +175,9 @@ def _warm_up_scipy() -> None:
 
 
 class Monitor:
-    """See the module docstring. Built by Runtime; `run()` lives in the server's TaskGroup."""
+    """See the module docstring. Built by shell/services.py; `run()` lives in the server's TaskGroup."""
 
-    def __init__(self, metrics: Metrics, rng: Callable[[], float] = random.random) -> None:
+    def __init__(self, rng: Callable[[], float] = random.random) -> None:
         self._scipy_ready = False
         self._rng = rng
         # loop-side
@@ -201,10 +201,9 @@ class Monitor:
         self.errors = 0
         # worker-side
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="monitor")
-        self._w_routes: dict[str, _RouteState] = {}
+        self._w_routes: dict[str, _MonitoredRoute] = {}
         self._w_samples: dict[tuple[str, str], int] = {}
         self._w_missing: dict[tuple[str, str, str], int] = {}
-        self._install_metrics(metrics)
 
     # -- config (loop) ------------------------------------------------------------------------
 
@@ -275,18 +274,16 @@ class Monitor:
         self._pending_bytes += size
         self._pending.append((m, backend, request_id, time.time(), body, status, response, draw))
 
-    def record(self, route: str, backend: str, duration_s: float, status: int, error: str | None) -> None:
-        """Every answered request: latency and failure into the rolling windows.
-
-        Failed (core/outcome): a 5xx answer (the backend's or the sidecar's 502/503/504) or a
-        stream that broke after it started. A 4xx is the model's answer, not a failure.
-        """
+    def record(self, route: str, backend: str, duration_s: float, outcome: Outcome) -> None:
+        """Every answered request: latency, and whether it failed (core/outcome.py says: a 5xx,
+        the backend's or the sidecar's 502/503/504, or a stream that broke after it started; a
+        4xx is the model's answer, not a failure), into the rolling windows."""
         cell = self._latency.get((route, backend))
         if cell is None:
             cell = self._new_cell(route, backend)
             if cell is None:
                 return
-        failed = status >= 500 or error == "stream_broken"
+        failed = outcome.failed
         cell.route_window.record(duration_s, failed)
         cell.backend_window.record(duration_s, failed)
 
@@ -358,11 +355,11 @@ class Monitor:
     # -- worker thread ------------------------------------------------------------------------
 
     def _w_apply(self, routes: list[tuple[RoutePlan, dict[str, str]]], logs: dict[str, SampleLog]) -> None:
-        new: dict[str, _RouteState] = {}
+        new: dict[str, _MonitoredRoute] = {}
         for route, backend_fps in routes:
             m = route.monitor
             assert m is not None
-            st = _RouteState(plan=m, backends=route.backends, backend_fps=backend_fps, log=logs.get(route.name))
+            st = _MonitoredRoute(plan=m, backends=route.backends, backend_fps=backend_fps, log=logs.get(route.name))
             old = self._w_routes.get(route.name)
             if old is not None:
                 signatures = {f.name: f.signature for f in m.features}
@@ -387,9 +384,9 @@ class Monitor:
                 continue  # sampled under a config that has since changed
             stats = u < m.sample and bool(m.features)
             to_log = st.log is not None and u < st.log.plan.sample
-            req_doc = _parse(body) if to_log or (stats and m.request_features) else _NOT_JSON
-            resp_doc = _parse(response) if response is not None and (to_log or (stats and m.response_features)) \
-                else _NOT_JSON
+            # parsed only when something reads it; None: not JSON (features missing, logged as null)
+            req_doc = load_json(body) if to_log or (stats and m.request_features) else None
+            resp_doc = load_json(response) if to_log or (stats and m.response_features) else None
             if stats:
                 key = (m.route, backend)
                 self._w_samples[key] = self._w_samples.get(key, 0) + 1
@@ -403,21 +400,21 @@ class Monitor:
                 assert st.log is not None
                 redact = st.log.plan.redact
                 st.log.put({
-                    "time": _iso(wall), "request_id": request_id, "route": m.route, "backend": backend,
+                    "time": utc_iso(wall), "request_id": request_id, "route": m.route, "backend": backend,
                     "status": status,
-                    "request": None if req_doc is _NOT_JSON else redact_all(req_doc, redact, REDACTED),
-                    "response": None if resp_doc is _NOT_JSON else redact_all(resp_doc, redact, REDACTED),
+                    "request": None if req_doc is None else redact_all(req_doc, redact, REDACTED),
+                    "response": None if resp_doc is None else redact_all(resp_doc, redact, REDACTED),
                 })
         return dict(self._w_samples), dict(self._w_missing)
 
-    def _w_add(self, st: _RouteState, backend: str, f: FeaturePlan, doc: Any) -> None:
+    def _w_add(self, st: _MonitoredRoute, backend: str, f: FeaturePlan, doc: Any) -> None:
         fs = st.windows.get((backend, f.name))
         if fs is None:
             m = st.plan
             warm = FeatureWindow(m.reference_warmup, f.categorical) if m.reference_warmup is not None else None
             fs = st.windows[(backend, f.name)] = _FeatureState(
                 f.signature, st.backend_fps[backend], FeatureWindow(m.window, f.categorical), warm)
-        values = f.path.find(doc) if doc is not _NOT_JSON else []
+        values = f.path.find(doc)
         missing = 0 if values else 1
         ref = fs.ref
         for v in values:
@@ -437,7 +434,7 @@ class Monitor:
                 out[name] = self._w_judge_route(st)
         return out, time.perf_counter() - t0
 
-    def _w_judge_route(self, st: _RouteState) -> list[DriftRow]:
+    def _w_judge_route(self, st: _MonitoredRoute) -> list[DriftRow]:
         m = st.plan
         rows: list[DriftRow] = []
         kind = m.reference_kind
@@ -506,40 +503,46 @@ class Monitor:
     def sample_log(self, route: str) -> SampleLog | None:
         return self._logs.get(route)
 
-    # -- metrics (scrape time, loop) ----------------------------------------------------------
+    # -- metrics (scrape time, loop; bound by shell/services.py) -----------------------------------
 
-    def _install_metrics(self, metrics: Metrics) -> None:
-        metrics.drift_statistic.read = self._drift_statistic_samples
-        metrics.drift_p_value.read = self._drift_p_samples
-        metrics.drift_detected.read = self._drift_detected_samples
-        metrics.route_latency.read = self._latency_samples
-        metrics.route_error_ratio.read = self._error_samples
-        metrics.monitor_samples.read = lambda: (((r, b), float(n)) for (r, b), n in self._samples.items())
-        metrics.monitor_missing.read = lambda: ((k, float(n)) for k, n in self._missing.items())
-        metrics.monitor_dropped.read = lambda: (((r,), float(n)) for r, n in self._dropped.items())
-        metrics.sample_log_lines.read = lambda: (((r,), float(s.written)) for r, s in self._logs.items())
-        metrics.sample_log_dropped.read = lambda: (((r, reason), float(n)) for r, s in self._logs.items()
-                                                   for reason, n in s.dropped_by_reason().items())
-        metrics.sample_log_queue_bytes.read = lambda: (((r,), float(s.queued_bytes)) for r, s in self._logs.items())
-        metrics.sample_log_errors.read = lambda: (((r,), float(s.errors)) for r, s in self._logs.items())
+    def sampled_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+        return (((r, b), float(n)) for (r, b), n in self._samples.items())
 
-    def _drift_statistic_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+    def missing_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+        return ((k, float(n)) for k, n in self._missing.items())
+
+    def dropped_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+        return (((r,), float(n)) for r, n in self._dropped.items())
+
+    def sample_log_line_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+        return (((r,), float(s.written)) for r, s in self._logs.items())
+
+    def sample_log_dropped_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+        return (((r, reason), float(n)) for r, s in self._logs.items() for reason, n in s.dropped_by_reason().items())
+
+    def sample_log_queue_bytes_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+        return (((r,), float(s.queued_bytes)) for r, s in self._logs.items())
+
+    def sample_log_error_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+        return (((r,), float(s.errors)) for r, s in self._logs.items())
+
+    def drift_statistic_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
         for row in self.drift_rows():
             if row.result is not None:
                 yield (row.route, row.backend, row.feature, row.result.test), row.result.statistic
                 yield (row.route, row.backend, row.feature, "psi"), row.result.psi
 
-    def _drift_p_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+    def drift_p_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
         for row in self.drift_rows():
             if row.result is not None:
                 yield (row.route, row.backend, row.feature, row.result.test), row.result.p_value
 
-    def _drift_detected_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+    def drift_detected_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
         for row in self.drift_rows():
             if row.result is not None:
                 yield (row.route, row.backend, row.feature), 1.0 if row.result.drifted else 0.0
 
-    def _latency_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+    def latency_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
         for (route, backend), cell in list(self._latency.items()):
             s = cell.route_window.summary()
             for label, attr in QUANTILES:
@@ -547,24 +550,11 @@ class Monitor:
                 if value is not None:
                     yield (route, backend, label), float(value)
 
-    def _error_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+    def error_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
         for (route, backend), cell in list(self._latency.items()):
             s = cell.route_window.summary()
             if s.error_rate is not None:
                 yield (route, backend), s.error_rate
-
-
-def _parse(data: bytes | None) -> Any:
-    if not data:
-        return _NOT_JSON
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return _NOT_JSON
-
-
-def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
 def _reference_json(m: MonitorPlan) -> dict[str, Any] | None:

@@ -9,19 +9,22 @@
     read       the request body, up to limits.max_body_bytes        -> 413 / 408 / 400
                `Expect: 100-continue`: "100 Continue" goes out just before the body is
                read, so only once the request passed the checks above
-    pick       override header, sticky hash or weighted random, over the backends that are
-               available (breaker, health, bulkhead; shell/backend.py)
-    forward    a try on one endpoint (shell/upstream.py); a hedge after `hedge_after`
-    classify   core/outcome.py; an answer below 400 (or a 4xx not in `retry.on`) is the answer
-    retry      core/retry.RetryState.decide -> backoff within the deadline -> pick again,
-               preferring another backend (`other_backend`); a retry not made is counted
-    fallback   the route's chain: backends, one try each, then a static response;
-               else the last answer as it was, else 502/504, or 503 when nothing was tried
+    forward    carry out what core/attempts.py decides, one command at a time (`_forward`):
+      pick       override header, sticky hash or weighted random, over the backends that are
+                 available (breaker, health, bulkhead; shell/backend.py)
+      try        one endpoint of the picked backend (shell/upstream.py); a hedge beside it
+                 after `hedge_after` (`_round`)
+      backoff    sleep the delay the machine chose, then pick again
+      fallback   the route's chain: a backend (one try) or a static response
     respond    buffered answers whole, streams chunk by chunk (committed: never retried)
     log        metrics cells and one access log record
 
-Each request captures the live `Runtime` once (`self.runtime`), so a reload never changes
-the config under a request in flight. Per-request state lives in a slotted `Exchange`.
+Deciding is core/attempts.py's (which try, when, what passes); this module only does: it
+picks, tries, sleeps and counts, and turns the end the machine reached into an answer.
+
+Each request captures the live `Runtime` once, so a reload never changes the config under a
+request in flight. Everything the request carries (its request, runtime, route and route
+state, headers, body, attempts) lives once, on its slotted `Exchange`.
 
 Imports: stdlib, aiohttp (server side), multidict, orjson, sidecar.*.
 """
@@ -43,10 +46,27 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config.plan import RoutePlan, TryTimeouts
+from sidecar.core.attempts import (
+    Attempts,
+    Backoff,
+    Command,
+    Fail,
+    Fallback,
+    FallbackTry,
+    Hedge,
+    Pick,
+    PickFallback,
+    PickHedge,
+    Respond,
+    Static,
+    Try,
+    Wait,
+)
 from sidecar.core.outcome import Outcome, classify_status
-from sidecar.core.retry import MIN_TRY_S, NoRetry, RetryState
+from sidecar.core.retry import NoRetry
 from sidecar.core.split import Split, key_hash
 from sidecar.core.target import Target, TargetError, parse_target
+from sidecar.core.throttle import Throttle
 from sidecar.errors import (
     BadRequest,
     BodyTooLarge,
@@ -61,12 +81,12 @@ from sidecar.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from sidecar.shell.accesslog import AccessLog
 from sidecar.shell.backend import Backend
 from sidecar.shell.listener import WATCH_UNSENT_BYTES, GuardedHandler
 from sidecar.shell.metrics import Cell, HistCell, Metrics
-from sidecar.shell.mirror import Mirrors, MirrorTicket
+from sidecar.shell.mirror import MirrorTicket
 from sidecar.shell.runtime import RouteState, Runtime
+from sidecar.shell.services import Services
 from sidecar.shell.upstream import Answer, UpstreamFailure
 
 log = logging.getLogger("sidecar.proxy")
@@ -120,30 +140,56 @@ class _Cells:
 
 
 class Exchange:
-    """Per-request state, from arrival to the log line."""
+    """One request, from arrival to the log line: its context, set once, and what it came to.
+
+    The context (`request`, `rt`, then `route`, `rs`, `body`, `headers`, `steps`) is set by the
+    phase that learns it and read by the later ones, never passed around beside it.
+    """
 
     __slots__ = ("attempts", "backend", "body", "buffer_limit", "bytes_in", "bytes_out", "continued", "deadline",
-                 "draw", "error", "mirror", "request_id", "route", "t0", "target", "ttfb_s", "upstream_s")
+                 "draw", "endpoints", "error", "headers", "mirror", "outcome", "request", "request_id", "results",
+                 "route", "rs", "rt", "steps", "t0", "target", "ttfb_s", "upstream_s")
 
-    def __init__(self, request_id: str, t0: float) -> None:
+    def __init__(self, request: web.BaseRequest, rt: Runtime, request_id: str, t0: float) -> None:
+        self.request = request
+        self.rt = rt                # captured once: a reload never changes a request's config
         self.request_id = request_id
         self.t0 = t0  # perf_counter: uvloop's loop.time() has only millisecond resolution
-        self.deadline = 0.0  # loop time, what asyncio.timeout_at wants
         self.route: RoutePlan | None = None
         # the checked request target (match phase); still None after it: refused (or shed)
         self.target: Target | None = None
         self.continued = False  # "100 Continue" was sent: the client now sends its body
+        self.rs: RouteState                          # the route's live state (match)
+        self.body = b""                              # read whole (read); retries and mirrors share it
+        self.headers: list[tuple[str, str]]          # as sent upstream (read)
+        self.steps: Attempts                         # the retry/hedge/fallback decisions (forward)
+        self.deadline = 0.0  # loop time, what asyncio.timeout_at wants
+        # per try, by its number - 1: the endpoint it went to, and its answer or failure once ended
+        self.endpoints: list[int]
+        self.results: list[Answer | UpstreamFailure | None]
         self.backend = NO_BACKEND
         self.attempts = 0
-        self.body = b""
         # set only for mirrored or sampled requests (shell/mirror.py, shell/monitor.py):
         self.mirror: MirrorTicket | None = None   # sent exactly once, when the final answer is known
         self.draw: float | None = None            # the monitor's sampling draw
         self.buffer_limit: int | None = None      # read answers whole up to this (compare, features)
         self.bytes_in = self.bytes_out = 0
-        self.error: str | None = None
+        # What it came to, classified once (core/outcome.py): a backend's answer by its status as it
+        # is passed on, STREAM_BROKEN when it broke on the way, a sidecar error by its status; None
+        # for a static fallback (no backend answered, nothing failed). Monitors and logs ask it.
+        self.outcome: Outcome | None = None
+        # the sidecar error that answered, or ClientDisconnected when the client left mid-answer
+        self.error: type[SidecarError] | None = None
         self.upstream_s: float | None = None
         self.ttfb_s: float | None = None
+
+    @property
+    def error_label(self) -> str | None:
+        """The access log's `error`: the sidecar error's type, else a failed outcome's value."""
+        if self.error is not None:
+            return self.error.type
+        outcome = self.outcome
+        return str(outcome) if outcome is not None and outcome.failed else None
 
     @property
     def forward(self) -> str:
@@ -186,7 +232,8 @@ def error_response(err: SidecarError, ex: Exchange) -> web.Response:
         headers["x-sidecar-attempts"] = str(ex.attempts)
     if (allow := getattr(err, "allow", None)) is not None:
         headers["allow"] = ", ".join(allow)
-    ex.error = err.type
+    ex.error = type(err)
+    ex.outcome = classify_status(err.status)
     ex.bytes_out = len(body)
     return web.Response(status=err.status, body=body, headers=headers)
 
@@ -231,11 +278,13 @@ def _connection_tokens(value: str | None) -> frozenset[str]:
 class Proxy:
     """The request handler of the main listener (an aiohttp low-level `web.Server` handler)."""
 
-    def __init__(self, runtime: Runtime, access_log: AccessLog, rng: Callable[[], float],
-                 mirrors: Mirrors | None = None) -> None:
-        self.runtime = runtime
-        self.mirrors = mirrors if mirrors is not None else Mirrors(runtime.metrics, rng, runtime.plan)
-        self.access_log = access_log
+    def __init__(self, runtime: Runtime, services: Services, rng: Callable[[], float]) -> None:
+        self.runtime = runtime          # the serving config; Sidecar.adopt swaps it
+        # the long-lived objects it uses; shell/services.py owns them
+        self.metrics = services.metrics
+        self.mirrors = services.mirrors
+        self.monitor = services.monitor
+        self.access_log = services.access_log
         self.inflight = 0
         self.closing = False            # set after drain.delay: answers carry Connection: close
         self._idle: asyncio.Event | None = None  # created only while someone waits for idle
@@ -243,15 +292,15 @@ class Proxy:
         self._cells: dict[tuple[str, str], _Cells] = {}
         self._id_prefix = os.urandom(8).hex()
         self._ids = count(1)
-        self._shed = runtime.metrics.shed.labels("max_inflight")
-        self._logged_at: dict[tuple[str, str], float] = {}  # rate limit of per-request log lines
+        self._shed = self.metrics.shed.labels("max_inflight")
+        self._log_every = Throttle(LOG_EVERY_S)  # per-request log lines, by (route, what)
 
     # -- bookkeeping ------------------------------------------------------------------------
 
     def cells(self, route: str, backend: str) -> _Cells:
         c = self._cells.get((route, backend))
         if c is None:
-            c = self._cells[(route, backend)] = _Cells(self.runtime.metrics, route, backend)
+            c = self._cells[(route, backend)] = _Cells(self.metrics, route, backend)
         return c
 
     async def wait_idle(self) -> None:
@@ -263,9 +312,7 @@ class Proxy:
 
     def _log_sometimes(self, key: tuple[str, str], msg: str, *args: object) -> None:
         """Log a per-request event at most every LOG_EVERY_S per key (the metrics count each one)."""
-        now = perf_counter()
-        if now - self._logged_at.get(key, -LOG_EVERY_S) >= LOG_EVERY_S:
-            self._logged_at[key] = now
+        if self._log_every.try_pass(perf_counter(), key):
             log.info(msg, *args)
 
     # -- the handler --------------------------------------------------------------------------
@@ -273,7 +320,8 @@ class Proxy:
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         t0 = perf_counter()
         rt = self.runtime  # captured once: a reload never changes a request's config
-        ex = Exchange(request.headers.get("x-request-id") or f"{self._id_prefix}{next(self._ids):016x}", t0)
+        ex = Exchange(request, rt, request.headers.get("x-request-id") or f"{self._id_prefix}{next(self._ids):016x}",
+                      t0)
         if self.inflight >= rt.plan.limits.max_inflight:
             self._shed.value += 1
             resp: web.StreamResponse = error_response(Overloaded("too many requests in flight"), ex)
@@ -283,11 +331,11 @@ class Proxy:
         self.inflight += 1
         try:
             try:
-                resp = await self._handle(request, ex, rt)
+                resp = await self._handle(ex)
             except SidecarError as err:
                 resp = error_response(err, ex)
                 if isinstance(err, ClientDisconnected):
-                    rt.metrics.client_disconnects.labels(ex.route.name if ex.route else NO_ROUTE).value += 1
+                    self.metrics.client_disconnects.labels(ex.route.name if ex.route else NO_ROUTE).value += 1
             except Exception:  # a bug: answer like any sidecar error, log it with context
                 log.exception("internal error on request %s", ex.request_id)
                 resp = error_response(InternalError("internal error in the sidecar"), ex)
@@ -302,7 +350,8 @@ class Proxy:
                 self._idle.set()
                 self._idle = None
 
-    async def _handle(self, request: web.BaseRequest, ex: Exchange, rt: Runtime) -> web.StreamResponse:
+    async def _handle(self, ex: Exchange) -> web.StreamResponse:
+        request, rt = ex.request, ex.rt
         try:
             target = parse_target(request.method, request.raw_path)
         except TargetError as e:
@@ -313,86 +362,172 @@ class Proxy:
         # the route's backends get `target.forward`, which a backend's decoding reads as
         # `target.path` (core/target.py): never a path outside the prefix that matched
         assert target.path.startswith(route.path_prefix) and target.forward[0] == "/"
+        ex.rs = rt.route_states[route.name]
         body = ex.body = await self._read_body(request, rt, ex, expect_continue)
         ex.bytes_in = len(body)
-        headers = self._upstream_headers(request, ex)
+        headers = ex.headers = self._upstream_headers(request, ex)
         # decided once per request, before the first try: which shadows get a copy, whether the
         # payloads are sampled; both need the answer read whole (up to max_body_bytes)
         if route.mirrors:
             ex.mirror = self.mirrors.select(route, rt, request, ex.request_id, headers, body, path=target.forward)
             if ex.mirror is not None:
                 ex.buffer_limit = ex.mirror.buffer_limit
-        if route.monitor is not None and (draw := rt.monitor.draw(route)) is not None:
+        if route.monitor is not None and (draw := self.monitor.draw(route)) is not None:
             ex.draw = draw
             if route.monitor.needs_response:
                 ex.buffer_limit = max(rt.plan.limits.max_body_bytes, rt.plan.limits.buffer_response_bytes)
         if ex.mirror is None:
-            return await self._forward(request, ex, rt, route, headers, body)
+            return await self._forward(ex, route)
         try:
-            return await self._forward(request, ex, rt, route, headers, body)
+            return await self._forward(ex, route)
         finally:
             if ex.mirror is not None:  # no backend answer reached the client: mirror, compare nothing
                 ex.mirror.send(None)
                 ex.mirror = None
 
-    async def _forward(self, request: web.BaseRequest, ex: Exchange, rt: Runtime, route: RoutePlan,
-                       headers: list[tuple[str, str]], body: bytes) -> web.StreamResponse:
-        """Pick, try, retry, hedge, fall back: until an answer goes to the client (docs/resilience.md)."""
-        rs = rt.route_states[route.name]
+    # -- forward: the executor of core/attempts.py ---------------------------------------------
+
+    async def _forward(self, ex: Exchange, route: RoutePlan) -> web.StreamResponse:
+        """Carry out the commands of the request's `Attempts` until one ends it (docs/resilience.md).
+
+        Each case does what its command says and feeds back the event that follows; the
+        machine's docstring (core/attempts.py) lists both. Tries that may overlap (a hedge)
+        run in `_round`.
+        """
         loop = asyncio.get_running_loop()
         now = loop.time()
         ex.deadline = now - (perf_counter() - ex.t0) + route.timeout_s
-        policy = route.retry
-        budget = rs.budget
-        if budget is not None:
-            budget.record_request(now)
-        state = RetryState(policy, budget, ex.deadline)
-        index = self._pick(route, rs, request.headers, rt, now, None)
-        # The answer or failure of the latest try that failed: what passes when nothing better comes.
-        last: Answer | UpstreamFailure | None = None
-        endpoint: int | None = None
-        while index is not None:
-            backend = rs.backends[index]
-            ep = backend.pick(now, self._rng, endpoint)
-            assert ep is not None, "an available backend has a usable endpoint"
-            state.record_try()
-            ex.attempts += 1
-            if state.tries > 1:
-                self.cells(route.name, backend.name).retries.value += 1
-            ex.backend = backend.name
-            if policy.hedge_after_s is None:
-                got = await self._try(request, ex, route.name, backend, ep, route.timeouts[index], headers, body)
-            else:
-                index, ep, got = await self._hedged(request, ex, rt, rs, state, index, ep, headers, body)
-                backend = rs.backends[index]
-                ex.backend = backend.name
-            if isinstance(got, Answer):
-                status: int | None = got.status
-                if got.status < 400 or (got.status < 500 and got.status not in policy.on_statuses):
-                    return await self._respond(request, got, ex, rt)  # the fast path ends here
-                outcome = classify_status(got.status)
-            else:
-                status, outcome = None, got.outcome
-            last = _keep(last, got)
-            now = loop.time()
-            decision = state.decide(outcome, status, now, self._rng)
-            if isinstance(decision, NoRetry):
-                self._skipped(route.name, decision, outcome)
-                break
-            if isinstance(got, Answer) and got.streaming:
-                got.close()  # a streamed answer cannot be kept while we retry
-                last = UpstreamFailure(outcome, f"answered {got.status}")
-                last.backend = got.backend
-            await asyncio.sleep(decision)
-            now = loop.time()
-            previous = index
-            index = self._pick(route, rs, request.headers, rt, now, index if policy.other_backend else None)
-            endpoint = ep if index == previous else None
-        return await self._fallback(request, ex, rt, rs, state, last, headers, body)
+        rs = ex.rs
+        steps = ex.steps = Attempts(route.retry, rs.budget, ex.deadline, self._rng, route.fallback_kinds)
+        ex.endpoints, ex.results = [], []
+        cmd = steps.start(now)
+        while True:
+            if cmd.skipped is not None or cmd.release:
+                self._note(ex, cmd)
+            match cmd:
+                case Pick():
+                    cmd = steps.picked(self._pick(ex, now, cmd.avoid), now)
+                case Try(hedge_at=None):
+                    backend = rs.backends[cmd.index]
+                    ep = self._start(ex, now, cmd.no, backend, cmd.avoid_endpoint_of, cmd.no > 1)
+                    got = await self._try(ex, backend, ep, route.timeouts[cmd.index])
+                    now = loop.time()
+                    cmd = self._ended(ex, cmd.no, got, now)
+                case Respond():
+                    if cmd.fallback is not None:
+                        self.metrics.fallbacks.labels(route.name, cmd.fallback).value += 1
+                    answer = ex.results[cmd.no - 1]
+                    assert isinstance(answer, Answer), "Respond names an answer"
+                    return await self._respond(ex.request, answer, ex, ex.rt)
+                case Try():
+                    cmd = await self._round(ex, route, cmd)
+                    now = loop.time()
+                case Backoff():
+                    await asyncio.sleep(cmd.delay_s)
+                    now = loop.time()
+                    cmd = steps.woke(now)
+                case PickFallback():
+                    backend_or_none = rs.fallback[cmd.step]
+                    assert backend_or_none is not None, "PickFallback names a backend step"
+                    cmd = steps.picked(cmd.step if backend_or_none.available(now) else None, now)
+                case FallbackTry():
+                    backend_or_none, timeouts = rs.fallback[cmd.step], route.fallback[cmd.step].timeouts
+                    assert backend_or_none is not None and timeouts is not None
+                    ep = self._start(ex, now, cmd.no, backend_or_none, 0, False)
+                    got = await self._try(ex, backend_or_none, ep, timeouts)
+                    now = loop.time()
+                    cmd = self._ended(ex, cmd.no, got, now)
+                case Static():
+                    return self._static(ex, route, cmd.step)
+                case Fail():
+                    raise self._failure(ex, route, cmd.no)
+                case _:
+                    raise AssertionError(f"no command {cmd!r} outside a round")
 
-    async def _try(self, request: web.BaseRequest, ex: Exchange, route: str, backend: Backend, ep: int,
-                   timeouts: TryTimeouts, headers: list[tuple[str, str]], body: bytes) -> Answer | UpstreamFailure:
+    async def _round(self, ex: Exchange, route: RoutePlan, first: Try) -> Command:
+        """A try that a hedge may join after `hedge_after` (docs/resilience.md); returns the first command
+        after the round, for `_forward` to carry out. Both tries are tasks of this TaskGroup, so
+        nothing outlives the round: when the machine moves on, the tries still running are
+        cancelled (their connections closed by upstream.py) and awaited."""
+        steps, rs = ex.steps, ex.rs
+        loop = asyncio.get_running_loop()
+        running: dict[asyncio.Task[Answer | UpstreamFailure], int] = {}
+        ended: list[asyncio.Task[Answer | UpstreamFailure]] = []   # done, not yet told to the machine
+        cmd: Command = first
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                timeout: float | None = None
+                match cmd:
+                    case Try() | Hedge():
+                        backend = rs.backends[cmd.index]
+                        ep = self._start(ex, loop.time(), cmd.no, backend, cmd.avoid_endpoint_of, cmd.no > 1)
+                        running[tg.create_task(self._try(ex, backend, ep, route.timeouts[cmd.index]))] = cmd.no
+                        if isinstance(cmd, Try) and cmd.hedge_at is not None:
+                            timeout = max(0.0, cmd.hedge_at - loop.time())
+                    case PickHedge():
+                        now = loop.time()
+                        cmd = steps.picked(self._pick(ex, now, cmd.avoid), now)
+                        continue
+                    case Wait():
+                        if cmd.skipped is not None or cmd.release:
+                            self._note(ex, cmd)
+                    case _:
+                        break                               # the round is over
+                if not ended:
+                    done, _ = await asyncio.wait(running, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                    if not done:                            # hedge_after passed
+                        cmd = steps.woke(loop.time())
+                        continue
+                    ended.extend(done)
+                task = ended.pop()
+                cmd = self._ended(ex, running.pop(task), task.result(), loop.time())
+            for task in ended:                              # ended in the same instant as the winner
+                running.pop(task)
+                if isinstance(got := task.result(), Answer):
+                    got.close()
+            for task in running:
+                task.cancel()                               # the losers; the TaskGroup awaits them
+        return cmd
+
+    def _ended(self, ex: Exchange, no: int, got: Answer | UpstreamFailure, now: float) -> Command:
+        """Try `no` ended: keep its result and tell the machine."""
+        ex.results[no - 1] = got
+        if isinstance(got, Answer):
+            return ex.steps.ended(no, got.outcome, got.status, got.streaming, now)
+        return ex.steps.ended(no, got.outcome, None, False, now)
+
+    def _note(self, ex: Exchange, cmd: Command) -> None:
+        """What a command may carry besides its own action: a retry not made (counted, docs/resilience.md:
+        never silent), and streamed answers no longer kept (closed; one named later stands as a
+        failure, so that the backend that gave it is still named)."""
+        if cmd.skipped is not None:
+            assert ex.route is not None
+            self._skipped(ex.route.name, *cmd.skipped)
+        for no in cmd.release:
+            got = ex.results[no - 1]
+            if isinstance(got, Answer):
+                got.close()
+                failure = ex.results[no - 1] = UpstreamFailure(got.outcome, f"answered {got.status}")
+                failure.backend = got.backend
+
+    def _start(self, ex: Exchange, now: float, no: int, backend: Backend, avoid_endpoint_of: int, retry: bool) -> int:
+        """Try `no` starts on `backend`: its endpoint (another than try `avoid_endpoint_of`'s
+        while one is usable), counted in `x-sidecar-attempts` and, for a retry or hedge, in
+        `retries_total`."""
+        assert ex.route is not None and len(ex.endpoints) == no - 1, (no, ex.endpoints)
+        ep = backend.pick(now, self._rng, ex.endpoints[avoid_endpoint_of - 1] if avoid_endpoint_of else None)
+        assert ep is not None, "an available backend has a usable endpoint"
+        ex.endpoints.append(ep)
+        ex.results.append(None)
+        ex.attempts = no
+        ex.backend = backend.name
+        if retry:
+            self.cells(ex.route.name, backend.name).retries.value += 1
+        return ep
+
+    async def _try(self, ex: Exchange, backend: Backend, ep: int, timeouts: TryTimeouts) -> Answer | UpstreamFailure:
         """One try on endpoint `ep` of `backend`, counted; its answer, or how it failed."""
+        assert ex.route is not None
         now = asyncio.get_running_loop().time()
         deadline = ex.deadline
         headers_deadline = now + timeouts.first_byte_s
@@ -401,14 +536,14 @@ class Proxy:
             headers_deadline = deadline
         if try_deadline > deadline:
             try_deadline = deadline
-        cells = self.cells(route, backend.name)
+        cells = self.cells(ex.route.name, backend.name)
+        request = ex.request
         t_try = perf_counter()
         try:
-            answer = await backend.try_(ep, request.method, ex.forward, headers, body,
+            answer = await backend.try_(ep, request.method, ex.forward, ex.headers, ex.body,
                                         headers_deadline, try_deadline, ex.buffer_limit)
         except UpstreamFailure as f:
             ex.upstream_s = perf_counter() - t_try
-            ex.error = str(f.outcome)
             cells.attempt(f.outcome).value += 1
             return f
         except asyncio.CancelledError:
@@ -416,131 +551,38 @@ class Proxy:
             raise
         ttfb = ex.upstream_s = ex.ttfb_s = perf_counter() - t_try
         cells.ttfb.observe(ttfb)
-        if answer.status < 400:
-            cells.attempt(Outcome.OK).value += 1
-            ex.error = None  # an earlier try's failure is not this answer's
-        else:
-            outcome = classify_status(answer.status)
-            cells.attempt(outcome).value += 1
-            ex.error = "5xx" if outcome is Outcome.SERVER_ERROR else None
+        cells.attempt(answer.outcome).value += 1
         return answer
 
-    async def _hedged(self, request: web.BaseRequest, ex: Exchange, rt: Runtime, rs: RouteState,
-                      state: RetryState, index: int, ep: int, headers: list[tuple[str, str]],
-                      body: bytes) -> tuple[int, int, Answer | UpstreamFailure]:
-        """A try that sends a hedge elsewhere when it has not answered after `hedge_after`.
+    def _static(self, ex: Exchange, route: RoutePlan, step: int) -> web.Response:
+        """The chain's static response (docs/resilience.md), named `fallback:response`."""
+        plan = route.fallback[step]
+        self.metrics.fallbacks.labels(route.name, Fallback.RESPONSE).value += 1
+        ex.backend = plan.label
+        hdrs = CIMultiDict(plan.headers)
+        hdrs["x-request-id"] = ex.request_id
+        hdrs["x-sidecar-backend"] = plan.label
+        hdrs["x-sidecar-attempts"] = str(ex.attempts)
+        if plan.status == 503 and "retry-after" not in hdrs:
+            hdrs["retry-after"] = "1"
+        ex.bytes_out = len(plan.body)
+        return web.Response(status=plan.status, body=plan.body, headers=hdrs)
 
-        The first good answer (below 500) wins and the other try is cancelled (its connection
-        is closed by upstream.py); when both fail, the latest failure is the round's result.
-        Both tasks live in this TaskGroup, so nothing outlives the round.
-        """
-        route = rs.plan
-        hedge_after = route.retry.hedge_after_s
-        assert hedge_after is not None
-        loop = asyncio.get_running_loop()
-        first_backend = rs.backends[index]
-        async with asyncio.TaskGroup() as tg:
-            first = tg.create_task(self._try(request, ex, route.name, first_backend, ep, route.timeouts[index],
-                                             headers, body))
-            tries: dict[asyncio.Task[Answer | UpstreamFailure], tuple[int, int]] = {first: (index, ep)}
-            done, _ = await asyncio.wait((first,), timeout=hedge_after)
-            if done:
-                return index, ep, first.result()
-            now = loop.time()
-            h_index = self._pick(route, rs, request.headers, rt, now, index)
-            h_ep = rs.backends[h_index].pick(now, self._rng, ep if h_index == index else None) \
-                if h_index is not None else None
-            if h_index is not None and h_ep is not None:
-                if state.try_hedge(now):
-                    h_backend = rs.backends[h_index]
-                    state.record_try()
-                    ex.attempts += 1
-                    self.cells(route.name, h_backend.name).retries.value += 1
-                    second = tg.create_task(self._try(request, ex, route.name, h_backend, h_ep,
-                                                      route.timeouts[h_index], headers, body))
-                    tries[second] = (h_index, h_ep)
-                elif state.tries < route.retry.attempts and now + MIN_TRY_S < state.deadline:
-                    # try_hedge refused for the one reason left: the budget
-                    self._skipped(route.name, NoRetry.BUDGET, Outcome.TIMEOUT)
-            pending: set[asyncio.Task[Answer | UpstreamFailure]] = set(tries)
-            result: tuple[int, int, Answer | UpstreamFailure] | None = None
-            while pending and (result is None or _failed(result[2])):
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    got = task.result()
-                    if result is None or (_failed(result[2]) and not _failed(got)) or \
-                            (isinstance(got, Answer) and not isinstance(result[2], Answer)):
-                        if result is not None and isinstance(result[2], Answer):
-                            result[2].close()
-                        result = (*tries[task], got)
-                    elif isinstance(got, Answer):
-                        got.close()  # a loser that finished in the same instant
-            for task in pending:
-                task.cancel()  # the loser; the TaskGroup awaits it
-        assert result is not None
-        return result
-
-    async def _fallback(self, request: web.BaseRequest, ex: Exchange, rt: Runtime, rs: RouteState,
-                        state: RetryState, last: Answer | UpstreamFailure | None,
-                        headers: list[tuple[str, str]], body: bytes) -> web.StreamResponse:
-        """The split gave no good answer: the fallback chain, then the last answer, then 502/503/504.
-
-        A fallback backend gets one try with the time left; when tries were already made it
-        spends retry budget like a retry, so a fallback cannot make a retry storm either.
-        """
-        route = rs.plan
-        loop = asyncio.get_running_loop()
-        tried = state.tries > 0
-        for step, backend in zip(route.fallback, rs.fallback, strict=True):
-            if backend is None:
-                if isinstance(last, Answer):
-                    last.close()
-                self.runtime.metrics.fallbacks.labels(route.name, "response").value += 1
-                ex.backend = step.label
-                ex.error = None
-                hdrs = CIMultiDict(step.headers)
-                hdrs["x-request-id"] = ex.request_id
-                hdrs["x-sidecar-backend"] = step.label
-                hdrs["x-sidecar-attempts"] = str(ex.attempts)
-                if step.status == 503 and "retry-after" not in hdrs:
-                    hdrs["retry-after"] = "1"
-                ex.bytes_out = len(step.body)
-                return web.Response(status=step.status, body=step.body, headers=hdrs)
-            now = loop.time()
-            if not backend.available(now) or now + MIN_TRY_S >= ex.deadline:
-                continue
-            if tried and state.budget is not None and not state.budget.try_spend(now):
-                self._skipped(route.name, NoRetry.BUDGET, Outcome.SERVER_ERROR)
-                continue
-            ep = backend.pick(now, self._rng)
-            assert ep is not None and step.timeouts is not None
-            state.record_try()
-            ex.attempts += 1
-            ex.backend = backend.name
-            got = await self._try(request, ex, route.name, backend, ep, step.timeouts, headers, body)
-            if not _failed(got):
-                assert isinstance(got, Answer)
-                if isinstance(last, Answer):
-                    last.close()
-                self.runtime.metrics.fallbacks.labels(route.name, "backend").value += 1
-                return await self._respond(request, got, ex, rt)
-            last = _keep(last, got)
-        if isinstance(last, Answer):
-            return await self._respond(request, last, ex, rt)  # docs/resilience.md#fallback-chain: passes as it was
-        if last is None:
+    def _failure(self, ex: Exchange, route: RoutePlan, no: int) -> SidecarError:
+        """No answer passes: the failure of try `no` as 502 or 504, or 503 when nothing was tried."""
+        if not no:
             ex.backend = NO_BACKEND
-            raise NoBackendAvailable(f"no backend of route {route.name!r} can take a request now")
+            return NoBackendAvailable(f"no backend of route {route.name!r} can take a request now")
+        last = ex.results[no - 1]
+        assert isinstance(last, UpstreamFailure), "Fail names a failure"
         ex.backend = last.backend or ex.backend
-        ex.error = str(last.outcome)
         if last.timed_out:
-            raise UpstreamTimeout(f"backend {ex.backend!r} did not answer in time")
-        raise UpstreamError(f"backend {ex.backend!r} failed: {last.detail}")
+            return UpstreamTimeout(f"backend {ex.backend!r} did not answer in time")
+        return UpstreamError(f"backend {ex.backend!r} failed: {last.detail}")
 
     def _skipped(self, route: str, reason: NoRetry, outcome: Outcome) -> None:
-        """Count a retry not made (docs/resilience.md: never silent); a not-retryable 4xx is no skipped retry."""
-        if reason is NoRetry.NOT_RETRYABLE:
-            return
-        metrics = self.runtime.metrics
+        """Count a retry not made (docs/resilience.md: never silent)."""
+        metrics = self.metrics
         metrics.retries_skipped.labels(route, str(reason)).value += 1
         if reason is NoRetry.BUDGET:
             metrics.retry_budget_exhausted.labels(route).value += 1
@@ -592,22 +634,23 @@ class Proxy:
             raise ClientDisconnected("the client went away while sending its body") from None
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _pick(self, route: RoutePlan, rs: RouteState, headers: CIMultiDictProxy[str], rt: Runtime, now: float,
-              avoid: int | None) -> int | None:
+    def _pick(self, ex: Exchange, now: float, avoid: int | None) -> int | None:
         """Index of the split's backend for the next try; None when none can take it (docs/reference/http.md#the-split).
 
         `avoid` (a retry with `other_backend`, a hedge): another available backend is
         preferred; only when none is left does the try go to `avoid` again.
         """
+        route, rs, headers = ex.route, ex.rs, ex.request.headers
+        assert route is not None
         if route.override_header is not None and (name := headers.get(route.override_header)):
             index = route.backend_index(name)
             if index is not None:
                 return index if rs.backends[index].available(now) else None
             if avoid is None:
-                self.runtime.metrics.override_ignored.labels(route.name).value += 1
+                self.metrics.override_ignored.labels(route.name).value += 1
                 self._log_sometimes((route.name, "override"), "override header names no backend of route %s; "
                                     "normal split used (counted in sidecar_override_ignored_total)", route.name)
-        split = rt.splits[route.name]
+        split = ex.rt.splits[route.name]
         available = rs.available(now)
         if avoid is not None:
             others = [True] * len(rs.backends) if available is None else list(available)
@@ -658,11 +701,12 @@ class Proxy:
                        rt: Runtime) -> web.StreamResponse:
         if answer.backend:  # the answer that passes may be an earlier try's (docs/reference/http.md#errors)
             ex.backend = answer.backend
+        ex.outcome = answer.outcome
         if ex.mirror is not None:  # the answer is final: start the shadows (docs/shadow.md#what-happens-to-a-request)
             ex.mirror.send(answer.body)
             ex.mirror = None
         if ex.draw is not None and ex.route is not None:  # sampled: parsed by the monitor, off the loop
-            rt.monitor.offer(ex.route, ex.backend, ex.request_id, ex.body, answer.status, answer.body, ex.draw)
+            self.monitor.offer(ex.route, ex.backend, ex.request_id, ex.body, answer.status, answer.body, ex.draw)
         if answer.body is not None:
             ex.bytes_out = len(answer.body)
             if request.method == "HEAD":  # the backend's Content-Length describes the GET
@@ -689,23 +733,23 @@ class Proxy:
         except UpstreamFailure as f:
             if request.transport is None or request.transport.is_closing():
                 # the client left (on_lost closed the answer): not the backend's failure
-                ex.error = "client_disconnected"
-                self.runtime.metrics.client_disconnects.labels(ex.route.name if ex.route else NO_ROUTE).value += 1
+                ex.error = ClientDisconnected
+                self.metrics.client_disconnects.labels(ex.route.name if ex.route else NO_ROUTE).value += 1
                 return resp
             # docs/reference/http.md: cut towards the client, no terminating chunk, so it sees it incomplete
-            ex.error = str(Outcome.STREAM_BROKEN)
+            ex.outcome = Outcome.STREAM_BROKEN
             route_name = ex.route.name if ex.route else NO_ROUTE
-            self.runtime.metrics.stream_broken.labels(route_name, ex.backend).value += 1
+            self.metrics.stream_broken.labels(route_name, ex.backend).value += 1
             self.cells(route_name, ex.backend).attempt(Outcome.STREAM_BROKEN).value += 1
-            if ex.route is not None and ex.attempts < ex.route.retry.attempts:
-                self._skipped(route_name, NoRetry.STARTED, Outcome.STREAM_BROKEN)  # never replayed
+            if (skip := ex.steps.stream_broke()) is not None:
+                self._skipped(route_name, skip, Outcome.STREAM_BROKEN)  # never replayed
             self._log_sometimes((route_name, "stream"), "stream from %s broke after %d bytes: %s",
                                 ex.backend, ex.bytes_out, f.detail)
             if request.transport is not None:
                 request.transport.abort()
         except ConnectionError:
-            ex.error = "client_disconnected"
-            self.runtime.metrics.client_disconnects.labels(ex.route.name if ex.route else NO_ROUTE).value += 1
+            ex.error = ClientDisconnected
+            self.metrics.client_disconnects.labels(ex.route.name if ex.route else NO_ROUTE).value += 1
         finally:
             if isinstance(protocol, GuardedHandler):
                 protocol.on_lost = None
@@ -721,29 +765,15 @@ class Proxy:
         cells.code(resp.status).value += 1
         duration = now - ex.t0
         cells.duration.observe(duration)
-        if ex.backend:  # rolling latency and errors (shell/monitor.py), every request that reached a backend
-            rt.monitor.record(route, ex.backend, duration, resp.status, ex.error)
+        if ex.backend and ex.outcome is not None:  # rolling latency and errors (shell/monitor.py)
+            self.monitor.record(route, ex.backend, duration, ex.outcome)
         if rt.plan.access_log:
             # the path routes matched; a target that was not checked (refused, shed) as received
             path = ex.target.path if ex.target is not None else _shown(request.raw_path)
             self.access_log.add((
                 time.time(), ex.request_id, request.method, path, route, ex.backend, resp.status,
                 ex.attempts, duration, ex.upstream_s, ex.ttfb_s, ex.bytes_in,
-                ex.bytes_out, ex.error, request.headers.get("traceparent"),
+                ex.bytes_out, ex.error_label, request.headers.get("traceparent"),
             ))
         return resp
-
-
-def _keep(last: Answer | UpstreamFailure | None, got: Answer | UpstreamFailure) -> Answer | UpstreamFailure:
-    """Of two failed tries, the one whose result passes when nothing better comes (docs/reference/http.md#errors):
-    the latest backend answer, else the latest failure. The answer left behind is closed."""
-    if isinstance(got, Answer):
-        if isinstance(last, Answer) and last is not got:
-            last.close()
-        return got
-    return last if isinstance(last, Answer) else got
-
-
-def _failed(got: Answer | UpstreamFailure) -> bool:
-    return not isinstance(got, Answer) or classify_status(got.status).failed
 

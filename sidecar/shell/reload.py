@@ -2,11 +2,12 @@
 
     reload(reason)   read + validate the whole file (worker thread) -> same version? "unchanged"
                      -> compile a Plan -> settings that need a restart changed? reject
-                     -> Runtime.build(plan, metrics, previous=current) (unchanged backends keep
+                     -> Runtime.build(plan, previous=current) (unchanged backends keep
                         their pools, and with them their connections and state)
-                     -> re-apply weight overrides, dropping those of changed routes
-                     -> swap `proxy.runtime` (one assignment: a request in flight keeps the
-                        Runtime it captured) -> retire the backends nobody uses any more
+                     -> hand it to the server: `host.adopt(runtime)` (one sync step: weight
+                        overrides of changed routes dropped, services follow, the swap; a
+                        request in flight keeps the Runtime it captured)
+                     -> retire the backends nobody uses any more
     run()            the watcher: every `poll_s` compares the file's (realpath, mtime_ns, size,
                      inode), so an edit, a rename over the file and a Kubernetes ConfigMap
                      update (the `..data` symlink swapped to a new timestamped folder) are all
@@ -22,7 +23,10 @@ latest (a stream still running then is cut). A request that captured the old Run
 had not reached its try yet still works: a closed pool opens a connection for it and
 closes that afterwards.
 
-Imports: stdlib, sidecar.config, sidecar.errors, sidecar.shell (runtime, state).
+The reloader validates and builds; it changes nothing of the server's itself. It sees the
+server through `ReloadHost`, so it does not import shell/server.py (which owns it).
+
+Imports: stdlib, sidecar.config, sidecar.errors, sidecar.shell (backend, metrics, runtime).
 """
 
 from __future__ import annotations
@@ -34,16 +38,14 @@ import time
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 from sidecar.config.load import LoadedConfig, load_config
 from sidecar.config.plan import Plan
 from sidecar.errors import ConfigError
 from sidecar.shell.backend import Backend
+from sidecar.shell.metrics import Metrics
 from sidecar.shell.runtime import Runtime
-
-if TYPE_CHECKING:
-    from sidecar.shell.server import Sidecar
 
 log = logging.getLogger("sidecar.reload")
 
@@ -114,6 +116,23 @@ def restart_only_changes(old: Plan, new: Plan) -> tuple[list[str], list[str]]:
     return errors, warnings
 
 
+class ReloadHost(Protocol):
+    """What the reloader needs of the server that owns it (shell/server.py `Sidecar`)."""
+
+    config_path: Path | None
+
+    @property
+    def runtime(self) -> Runtime:
+        """The runtime serving now: what a new config is compared with and built from."""
+        ...
+
+    def adopt(self, runtime: Runtime) -> list[str]:
+        """Serve `runtime` from now on (sync); the routes whose weight overrides it cleared."""
+        ...
+
+    async def save_overrides(self) -> None: ...
+
+
 @dataclass(slots=True)
 class _Retired:
     backend: Backend
@@ -121,10 +140,10 @@ class _Retired:
 
 
 class Reloader:
-    """Owned by Sidecar; `run()` lives in the server's TaskGroup."""
+    """Owned by the server (`host`); `run()` lives in its TaskGroup."""
 
-    def __init__(self, sidecar: Sidecar, *, poll_s: float | None = None) -> None:
-        self.sidecar = sidecar
+    def __init__(self, host: ReloadHost, metrics: Metrics, *, poll_s: float | None = None) -> None:
+        self.host = host
         if poll_s is None:
             poll_s = float(os.environ.get(POLL_ENV, DEFAULT_POLL_S))
         self.poll_s = poll_s
@@ -136,8 +155,7 @@ class Reloader:
         self._changed = asyncio.Event()      # set after every result (tests wait on it)
         self._seen: FileSignature | None = None
         self._retired: list[_Retired] = []
-        metrics = sidecar.metrics.config_reloads
-        self._counters = {r: metrics.labels(str(r)) for r in Result}
+        self._counters = {r: metrics.config_reloads.labels(str(r)) for r in Result}
 
     # -- triggers ----------------------------------------------------------------------------
 
@@ -152,9 +170,9 @@ class Reloader:
             return await self._reload(reason)
 
     async def _reload(self, reason: str) -> ReloadResult:
-        sc = self.sidecar
-        current = sc.proxy.runtime
-        path = sc.config_path
+        host = self.host
+        current = host.runtime
+        path = host.config_path
         if path is None:
             return self._record(reason, Result.ERROR, current, errors=(
                 "no config file to reload: this sidecar was started from a config held in memory",))
@@ -174,18 +192,14 @@ class Reloader:
         if errors:
             return self._record(reason, Result.ERROR, current, errors=tuple(errors))
         # from here to the swap nothing awaits: no request or admin call sees half a reload
-        new = Runtime.build(plan, sc.metrics, previous=current)
-        cleared = sc.overrides.apply(new, "reload")
-        sc.proxy.runtime = new
-        sc.loaded = loaded
+        new = Runtime.build(plan, previous=current)
+        cleared = host.adopt(new)
         deadline = asyncio.get_running_loop().time() + RETIRE_MAX_S
         self._retired.extend(_Retired(b, deadline) for b in current.retired_backends(new))
-        sc.mirrors.retain(plan)        # mirror statistics of unchanged (route, shadow) pairs stay
-        sc.start_health_checks()       # the new runtime's checkers; kept backends keep their health
         result = self._record(reason, Result.OK, new, previous=current, warnings=tuple(warnings),
                               cleared=tuple(cleared))
         if cleared:
-            await sc.overrides.save()
+            await host.save_overrides()
         return result
 
     def _record(self, reason: str, result: Result, running: Runtime, *, previous: Runtime | None = None,
@@ -221,7 +235,7 @@ class Reloader:
     # -- the watcher ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        path = self.sidecar.config_path
+        path = self.host.config_path
         watch = path is not None and self.poll_s > 0
         if path is not None:
             self._seen = await asyncio.to_thread(file_signature, path)
@@ -268,4 +282,4 @@ class Reloader:
             await r.backend.close()
 
 
-__all__ = ["ReloadResult", "Reloader", "Result", "file_signature", "restart_only_changes"]
+__all__ = ["ReloadHost", "ReloadResult", "Reloader", "Result", "file_signature", "restart_only_changes"]

@@ -1,13 +1,17 @@
 """The live Runtime: a Plan plus the stateful objects built from it (backends, route state, splits).
 
 A request captures `proxy.runtime` once and uses it to the end, so a reload (which builds a
-new Runtime and swaps the reference) never changes the config under a request in flight.
-`Runtime.build(plan, metrics, previous)` carries over the state of backends whose config did
-not change (same fingerprint): the whole `Backend` (pools, circuit breaker, outlier
-ejections, health), and the `RouteState` (retry budget) of routes whose fingerprint did not
-change (docs/operations.md#hot-reload).
+new Runtime and hands it to `Sidecar.adopt`, one reference swap) never changes the config
+under a request in flight. `Runtime.build(plan, previous)` carries over the state of
+backends whose config did not change (same fingerprint): the whole `Backend` (pools,
+circuit breaker, outlier ejections, health), and the `RouteState` (retry budget) of routes
+whose fingerprint did not change (docs/operations.md#hot-reload).
 
-Imports: stdlib, sidecar.config, sidecar.core, sidecar.shell.metrics/backend/health/monitor.
+A Runtime lives for one config; what outlives configs (metrics, mirrors, the monitor,
+weight overrides) is shell/services.py's. The `*_samples` methods are what the gauges read
+at scrape time (bound in `Services.bind_gauges`).
+
+Imports: stdlib, sidecar.config, sidecar.core, sidecar.shell.backend/health.
 """
 
 from __future__ import annotations
@@ -20,17 +24,15 @@ from sidecar.core.budget import RetryBudget
 from sidecar.core.split import Split
 from sidecar.shell.backend import Backend
 from sidecar.shell.health import HealthChecker
-from sidecar.shell.metrics import Metrics
-from sidecar.shell.monitor import Monitor
 
 
 class RouteState:
     """What a route keeps between requests: its backends in split order and its retry budget."""
 
-    __slots__ = ("backends", "budget", "fallback", "plan")
+    __slots__ = ("backends", "budget", "fallback", "fingerprint")
 
     def __init__(self, plan: RoutePlan, backends: dict[str, Backend], budget: RetryBudget | None) -> None:
-        self.plan = plan
+        self.fingerprint = plan.fingerprint   # a reload keeps the budget while this is the same
         self.backends: tuple[Backend, ...] = tuple(backends[b] for b in plan.backends)
         # the Backend of each fallback step (None for the static response), in chain order
         self.fallback: tuple[Backend | None, ...] = tuple(
@@ -46,22 +48,17 @@ class RouteState:
 
 
 class Runtime:
-    __slots__ = ("backends", "metrics", "monitor", "plan", "route_states", "splits")
+    __slots__ = ("backends", "plan", "route_states", "splits")
 
-    def __init__(self, plan: Plan, metrics: Metrics, backends: dict[str, Backend],
-                 route_states: dict[str, RouteState], monitor: Monitor | None = None) -> None:
+    def __init__(self, plan: Plan, backends: dict[str, Backend], route_states: dict[str, RouteState]) -> None:
         self.plan = plan
-        self.metrics = metrics
         self.backends = backends
         self.route_states = route_states
         # the split each route uses now: the config's, or a runtime override (admin API)
         self.splits: dict[str, Split] = {r.name: r.split for r in plan.routes}
-        # one Monitor per process, carried across reloads; it keeps unchanged windows
-        self.monitor = monitor if monitor is not None else Monitor(metrics)
-        self.monitor.apply(plan)
 
     @classmethod
-    def build(cls, plan: Plan, metrics: Metrics, previous: Runtime | None = None) -> Runtime:
+    def build(cls, plan: Plan, previous: Runtime | None = None) -> Runtime:
         buffer_bytes = plan.limits.buffer_response_bytes
         backends: dict[str, Backend] = {}
         for name, bp in plan.backends.items():
@@ -74,19 +71,12 @@ class Runtime:
         routes: dict[str, RouteState] = {}
         for route in plan.routes:
             old_state = previous.route_states.get(route.name) if previous is not None else None
-            if old_state is not None and old_state.plan.fingerprint == route.fingerprint:
+            if old_state is not None and old_state.fingerprint == route.fingerprint:
                 budget = old_state.budget
             else:
                 budget = RetryBudget(route.retry_budget) if route.retry_budget is not None else None
             routes[route.name] = RouteState(route, backends, budget)
-        rt = cls(plan, metrics, backends, routes, previous.monitor if previous is not None else None)
-        metrics.inflight.read = rt._inflight_samples
-        metrics.route_weight.read = rt._weight_samples
-        metrics.circuit_state.read = rt._circuit_samples
-        metrics.backend_healthy.read = rt._healthy_samples
-        metrics.endpoint_ejected.read = rt._ejected_samples
-        metrics.config_info.read = lambda: [((plan.version,), 1.0)]
-        return rt
+        return cls(plan, backends, routes)
 
     def available(self, route: str) -> list[bool] | None:
         """Which of a route's backends may take a new request; None when all may."""
@@ -108,21 +98,21 @@ class Runtime:
     def _now(self) -> float:
         return asyncio.get_running_loop().time()
 
-    def _inflight_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+    def inflight_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
         for name, backend in self.backends.items():
             yield (name,), float(backend.inflight)
 
-    def _circuit_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+    def circuit_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
         now = self._now()
         for name, backend in self.backends.items():
             yield (name,), float(backend.circuit_state(now).gauge)
 
-    def _healthy_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+    def healthy_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
         now = self._now()
         for name, backend in self.backends.items():
             yield (name,), 1.0 if backend.endpoints.available(now) else 0.0
 
-    def _ejected_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+    def ejected_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
         now = self._now()
         for name, backend in self.backends.items():
             if backend.plan.outlier is None:
@@ -130,7 +120,7 @@ class Runtime:
             for i in range(backend.endpoints.n):
                 yield (name, str(i)), 1.0 if backend.endpoints.is_ejected(i, now) else 0.0
 
-    def _weight_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+    def weight_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
         now = self._now()
         for route in self.plan.routes:
             split = self.splits[route.name]

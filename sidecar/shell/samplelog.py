@@ -44,7 +44,7 @@ read at scrape time: the producer's `dropped_*` and `_put_bytes`, the writer's `
 `errors`, `lost` and `_done_bytes`. The bytes queued are `_put_bytes - _done_bytes`: the
 producer may read a stale `_done_bytes`, which only overstates the queue for a moment.
 
-Imports: stdlib, orjson, sidecar.config.plan.
+Imports: stdlib, orjson, sidecar.config.plan, sidecar.core.throttle.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ from typing import Any, Final
 import orjson
 
 from sidecar.config.plan import SampleLogPlan
+from sidecar.core.throttle import Throttle
 
 log = logging.getLogger("sidecar.samplelog")
 
@@ -105,9 +106,9 @@ class SampleLog:
         self._fd: int | None = None
         self._size = 0
         self._retry_at = 0.0
-        self._last_log = -LOG_EVERY_S
-        self._last_drop_log = -DROP_LOG_EVERY_S
-        self._drops_unlogged = 0  # producer thread
+        self._log_every = Throttle(LOG_EVERY_S)
+        self._drop_log_every = Throttle(DROP_LOG_EVERY_S)  # producer thread, as _drops_unlogged
+        self._drops_unlogged = 0
         self._thread = threading.Thread(target=self._run, name=f"sample-log-{route}", daemon=True)
         self._thread.start()
 
@@ -160,9 +161,7 @@ class SampleLog:
 
     def _dropped_now(self, reason: str) -> None:
         self._drops_unlogged += 1
-        now = time.monotonic()
-        if now - self._last_drop_log >= DROP_LOG_EVERY_S:
-            self._last_drop_log = now
+        if self._drop_log_every.try_pass(time.monotonic()):
             n, self._drops_unlogged = self._drops_unlogged, 0
             log.warning("sample log %s (route %s): the writer is behind; %d line(s) dropped since the last warning "
                         "(last reason %s; %d bytes wait; bounds: %d lines, max_queue_bytes %d); counted in "
@@ -291,9 +290,7 @@ class SampleLog:
 
     def _failed(self, what: str, e: OSError) -> None:
         self.errors += 1
-        now = time.monotonic()
-        if now - self._last_log >= LOG_EVERY_S:
-            self._last_log = now
+        if self._log_every.try_pass(time.monotonic()):
             hint = " (the path is a symlink: the sample log never writes through one)" \
                 if e.errno == errno.ELOOP else ""
             log.warning("sample log %s (route %s): %s failed: %s%s; lines are dropped and counted "

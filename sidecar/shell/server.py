@@ -8,7 +8,15 @@
             requests get drain.grace to finish. Exit 0 when all finished, 1 when some had
             to be cut (logged).
 
-Every long-lived task is created in `Sidecar.run`'s TaskGroup and cancelled on shutdown.
+    adopt() a reload's new Runtime starts serving: one sync step (services follow the new plan,
+            the proxy's reference is swapped, health checks restart)
+
+Owns, one each: the `Services` (shell/services.py: what outlives a config), the `Proxy` and
+the `Runtime` it serves, the `Reloader`, the listeners and the TaskGroup. Every long-lived
+task is created in `Sidecar.run`'s TaskGroup and cancelled on shutdown. Nothing in shell/
+imports this module (tests/test_layering.py): the admin API and the reloader see the server
+through their own small Protocols (`AdminHost`, `ReloadHost`).
+
 Imports: stdlib, aiohttp, sidecar.config, sidecar.shell.
 """
 
@@ -27,15 +35,12 @@ from aiohttp import web
 
 from sidecar.config.load import LoadedConfig
 from sidecar.config.plan import Plan
-from sidecar.shell.accesslog import AccessLog
 from sidecar.shell.admin import StatusProvider, build_admin_app
 from sidecar.shell.listener import Listener
-from sidecar.shell.metrics import Metrics
-from sidecar.shell.mirror import Mirrors
 from sidecar.shell.proxy import Proxy
 from sidecar.shell.reload import Reloader
 from sidecar.shell.runtime import Runtime
-from sidecar.shell.state import Overrides, resolve_state_dir
+from sidecar.shell.services import Services
 
 log = logging.getLogger("sidecar.server")
 
@@ -62,13 +67,11 @@ class Sidecar:
 
     def __init__(self, loaded: LoadedConfig, *, install_signals: bool = False,
                  access_log_fd: int | None = None, config_poll_s: float | None = None) -> None:
-        self.loaded = loaded
         self.config_path: Path | None = loaded.path
-        self.metrics = Metrics()
         plan = Plan.build(loaded)
-        self.access_log = AccessLog(self.metrics.access_log_dropped.labels(), access_log_fd)
-        self.mirrors = Mirrors(self.metrics, random.random, plan)  # owns shadow tasks and stats
-        self.proxy = Proxy(Runtime.build(plan, self.metrics), self.access_log, random.random, self.mirrors)
+        self.services = Services(plan, loaded.path, random.random, access_log_fd)
+        self.proxy = Proxy(Runtime.build(plan), self.services, random.random)
+        self.services.bind_gauges(lambda: self.proxy.runtime)
         self.ready = asyncio.Event()
         self.draining = False
         self.proxy_port = 0
@@ -77,21 +80,42 @@ class Sidecar:
         self._stop: asyncio.Event = asyncio.Event()
         self.health_tasks: list[asyncio.Task[None]] = []
         self._tg: asyncio.TaskGroup | None = None
-        # operations: reload, weight overrides, and the parts /admin/status is made of
+        # operations: reload, and the parts /admin/status is made of
         self.started_at = time.time()
-        self.overrides = Overrides(resolve_state_dir(plan.config.state_dir, loaded.path))
-        self.reloader = Reloader(self, poll_s=config_poll_s)
+        self.reloader = Reloader(self, self.services.metrics, poll_s=config_poll_s)
         # each capability adds one callable: () -> {"mirrors": ...}, or (backend) -> {"circuit": ...}
         self.status_providers: list[StatusProvider] = [self._mirror_status, self._drift_status]
 
     def _mirror_status(self) -> dict[str, Any]:
         """Mirrors in /admin/status: one row per (route, shadow); disagreements stay in /admin/mirrors."""
-        rows = self.mirrors.status_json(self.proxy.runtime.plan)
+        rows = self.services.mirrors.status_json(self.proxy.runtime.plan)
         return {"mirrors": [{k: v for k, v in row.items() if k != "disagreements"} for row in rows]}
 
     def _drift_status(self) -> dict[str, Any]:
         """Drift in /admin/status: one row per (route, backend, feature) of the last pass."""
-        return {"drift": [row.to_json() for row in self.proxy.runtime.monitor.drift_rows()]}
+        return {"drift": [row.to_json() for row in self.services.monitor.drift_rows()]}
+
+    @property
+    def runtime(self) -> Runtime:
+        """The runtime serving now (each request captures its own)."""
+        return self.proxy.runtime
+
+    def adopt(self, runtime: Runtime) -> list[str]:
+        """Make `runtime` (built by the reloader from a validated config) the one serving.
+
+        Sync from start to end, so no request or admin call sees half of it: the services
+        follow the new plan (weight overrides of changed routes are cleared, and returned),
+        the proxy's reference is swapped (a request in flight keeps the Runtime it captured),
+        and the health checks restart for the new backends (kept ones keep their state).
+        """
+        cleared = self.services.adopt(runtime)
+        self.proxy.runtime = runtime
+        self.start_health_checks()
+        return cleared
+
+    async def save_overrides(self) -> None:
+        """Persist the weight overrides (after `adopt` cleared some)."""
+        await self.services.overrides.save()
 
     @property
     def proxy_url(self) -> str:
@@ -112,7 +136,7 @@ class Sidecar:
         plan = self.proxy.runtime.plan
         limits = plan.limits
         proxy_server = Listener(  # web.Server + max_connections and header_timeout
-            self.proxy, metrics=self.metrics, max_connections=limits.max_connections,
+            self.proxy, metrics=self.services.metrics, max_connections=limits.max_connections,
             header_timeout_s=limits.header_timeout,
             write_timeout_s=lambda: self.proxy.runtime.plan.limits.stream_idle_timeout,
             access_log=None, keepalive_timeout=limits.idle_timeout,
@@ -131,7 +155,7 @@ class Sidecar:
         code = 0
         try:
             await self._restore_state()
-            await self.proxy.runtime.monitor.prepare()  # scipy, if drift is judged: before serving
+            await self.services.monitor.prepare()  # scipy, if drift is judged: before serving
             proxy_sock = bind(*plan.listen)
             admin_sock = bind(*plan.admin_listen)
             self.proxy_port = proxy_sock.getsockname()[1]
@@ -140,9 +164,8 @@ class Sidecar:
             await proxy_site.start()
             await web.SockSite(admin_runner, admin_sock).start()
             async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(self.access_log.run(), name="access-log"),
-                         tg.create_task(self.reloader.run(), name="config-watcher"),
-                         tg.create_task(self.proxy.runtime.monitor.run(), name="monitor")]
+                tasks = [tg.create_task(self.reloader.run(), name="config-watcher"),
+                         *(tg.create_task(coro, name=name) for name, coro in self.services.tasks().items())]
                 self._tg = tg
                 self.start_health_checks()
                 self.ready.set()
@@ -160,7 +183,7 @@ class Sidecar:
                 loop.remove_signal_handler(signal.SIGHUP)
             await proxy_runner.cleanup()
             await admin_runner.cleanup()
-            await self.mirrors.drain(0)  # none may outlive the pools (no-op after _drain)
+            await self.services.mirrors.drain(0)  # none may outlive the pools (no-op after _drain)
             await self.proxy.runtime.close()
             await self.reloader.close_retired()
         log.info("stopped (exit code %d)", code)
@@ -180,10 +203,11 @@ class Sidecar:
 
     async def _restore_state(self) -> None:
         """Weight overrides from state_dir; those of routes changed since are dropped (docs/operations.md)."""
-        await asyncio.to_thread(self.overrides.load, self.proxy.runtime.plan)
-        self.overrides.apply(self.proxy.runtime, "config changed since the state was saved")
-        if self.overrides.dirty:
-            await self.overrides.save()
+        overrides = self.services.overrides
+        await asyncio.to_thread(overrides.load, self.proxy.runtime.plan)
+        overrides.apply(self.proxy.runtime, "config changed since the state was saved")
+        if overrides.dirty:
+            await overrides.save()
 
     async def _drain(self, proxy_site: web.SockSite, proxy_server: web.Server) -> int:
         drain = self.proxy.runtime.plan.drain
@@ -199,8 +223,8 @@ class Sidecar:
         except TimeoutError:
             log.error("drain: %d requests still in flight after %.1fs grace; cutting them",
                       self.proxy.inflight, drain.grace)
-            self.metrics.drain_cut.labels().value += self.proxy.inflight
+            self.services.metrics.drain_cut.labels().value += self.proxy.inflight
             return 1
         finally:  # mirrors in flight get the rest of the grace, then are cancelled
-            await self.mirrors.drain(grace_end - asyncio.get_running_loop().time())
+            await self.services.mirrors.drain(grace_end - asyncio.get_running_loop().time())
         return 0

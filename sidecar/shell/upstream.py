@@ -48,11 +48,10 @@ import ssl
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Final, cast
-from urllib.parse import urlsplit
 
 from sidecar.config.plan import BackendPlan
 from sidecar.core.http1 import END, Event, Head, ProtocolError, ResponseParser
-from sidecar.core.outcome import Outcome
+from sidecar.core.outcome import Outcome, classify_status
 
 # Idle pooled connections are closed after this. Below the 5 s keep-alive of uvicorn and
 # gunicorn, the servers most models run on, so we rarely send on a connection the server is
@@ -214,10 +213,11 @@ class _Conn(asyncio.Protocol):
 class Answer:
     """A backend's response: `body` when read whole, else streamed with `next_chunk`."""
 
-    __slots__ = ("_conn", "_pool", "backend", "body", "content_length", "headers", "status")
+    __slots__ = ("_conn", "_pool", "backend", "body", "content_length", "headers", "outcome", "status")
 
     def __init__(self, head: Head, body: bytes | None, conn: _Conn | None, pool: UpstreamPool) -> None:
         self.status = head.status
+        self.outcome = classify_status(head.status)  # classified once, here, for every consumer
         self.headers = head.headers          # as received; the proxy drops hop-by-hop ones
         self.body = body
         self.content_length = head.length
@@ -287,10 +287,9 @@ class UpstreamPool:
         self.inflight = 0
         self._buffer_limit = buffer_response_bytes
         self._max_connections = plan.max_connections if max_connections is None else max_connections
-        u = urlsplit(self.endpoint.origin)
-        self._host = u.hostname or "127.0.0.1"
-        self._port = u.port or (443 if u.scheme == "https" else 80)
-        self._ssl = _ssl_context(u.scheme)
+        self._host = self.endpoint.host
+        self._port = self.endpoint.port
+        self._ssl = _ssl_context(self.endpoint.scheme)
         self._base = self.endpoint.base_path
         self._host_header = self.endpoint.host_header
         self._idle: list[_Conn] = []

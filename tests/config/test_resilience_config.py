@@ -11,7 +11,6 @@ from sidecar.config.load import LoadedConfig, config_version, parse_config
 from sidecar.config.plan import Plan
 from sidecar.core.balance import Balance
 from sidecar.errors import ConfigError
-from sidecar.shell.metrics import Metrics
 from sidecar.shell.runtime import Runtime
 
 
@@ -82,13 +81,12 @@ def test_rebuild_keeps_state_of_unchanged_backends_and_routes():
     """A reload keeps the breakers, pools and retry budgets of what did not change, and renews the rest."""
     cfg = with_route(retry={"budget": 0.3})
     cfg["backends"]["stable"]["circuit_breaker"] = {"consecutive_failures": 2}
-    metrics = Metrics()
-    old = Runtime.build(plan_of(cfg), metrics)
+    old = Runtime.build(plan_of(cfg))
     changed = {**cfg, "backends": {**cfg["backends"], "ranker": {"endpoints": ["http://127.0.0.1:9013"]}}}
-    new = Runtime.build(plan_of(changed), metrics, old)
+    new = Runtime.build(plan_of(changed), old)
     assert new.backends["stable"] is old.backends["stable"]
     assert new.backends["ranker"] is not old.backends["ranker"]
     assert new.route_states["r"].budget is not old.route_states["r"].budget  # the route uses `ranker`
-    same = Runtime.build(plan_of(changed), metrics, new)
+    same = Runtime.build(plan_of(changed), new)
     assert same.route_states["r"].budget is new.route_states["r"].budget
     assert old.retired_backends(new) == [old.backends["ranker"]]

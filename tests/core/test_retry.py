@@ -18,7 +18,6 @@ def make_policy(**changes: object) -> RetryPolicy:
     """A typical policy (docs/resilience.md#retries): attempts 3, on [connect-error, timeout, 502, 503, 504]."""
     base = RetryPolicy(
         attempts=3,
-        per_try_timeout_s=0.5,
         on_connect_error=True,
         on_timeout=True,
         on_reset=False,
@@ -27,7 +26,6 @@ def make_policy(**changes: object) -> RetryPolicy:
         backoff_base_s=0.025,
         backoff_max_s=0.25,
         other_backend=True,
-        first_byte_timeout_s=0.3,
         hedge_after_s=None,
     )
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
@@ -81,8 +79,8 @@ def test_explicitly_listed_4xx_is_retried():
 
 def test_single_never_retries():
     """A route without `retry` makes exactly one try, whatever goes wrong."""
-    p = RetryPolicy.single(2.0)
-    assert (p.attempts, p.per_try_timeout_s, p.first_byte_timeout_s) == (1, 2.0, 2.0)
+    p = RetryPolicy.single()
+    assert p.attempts == 1
     assert not any(p.would_retry(o, 503) for o in Outcome)
     state = RetryState(p, None, deadline=100.0)
     state.record_try()
@@ -93,8 +91,6 @@ def test_single_never_retries():
     "changes",
     [
         {"attempts": 0},
-        {"per_try_timeout_s": 0.0},
-        {"first_byte_timeout_s": -1.0},
         {"backoff_base_s": 1.0, "backoff_max_s": 0.5},
         {"hedge_after_s": 0.0},
     ],

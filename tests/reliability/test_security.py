@@ -23,7 +23,7 @@ import orjson
 from reliability.common import metric
 from sidecar.core.outcome import Outcome
 from sidecar.core.retry import NoRetry
-from sidecar.shell.mirror import OUTCOMES
+from sidecar.shell.mirror import MirrorOutcome
 from sidecar.shell.samplelog import DROP_REASONS
 from tests import upstreams as u
 from tests.conftest import MakeSidecar
@@ -73,7 +73,7 @@ async def test_no_request_data_in_metric_labels(upstreams, make_sidecar: MakeSid
                "backend": {"stable", "canary", "shadow", "down", "fallback:response", ""},
                "reason": {"max_inflight", "max_connections", *map(str, NoRetry), *DROP_REASONS},
                "phase": {"header", "write"},
-               "outcome": set(map(str, Outcome)) | set(OUTCOMES), "kind": {"backend", "response"},
+               "outcome": set(map(str, Outcome)) | set(map(str, MirrorOutcome)), "kind": {"backend", "response"},
                "result": {"ok", "unchanged", "error"}, "quantile": {"0.5", "0.95", "0.99"},
                "feature": {"f"}, "test": {"ks", "chi2"}, "endpoint": {"0", "1"}}
     for line in text.splitlines():

@@ -110,11 +110,11 @@ async def test_stalled_sample_log_is_bounded_by_bytes(upstreams, make_sidecar: M
         assert metric(text, "sidecar_sample_log_dropped_total", 'reason="queue_bytes",route="r"') == 17
         assert metric(text, "sidecar_sample_log_lines_total", 'route="r"') == 0
         # hot reload: the same writer keeps its queue and takes the new bound
-        sample_log = sc.proxy.runtime.monitor.sample_log("r")
+        sample_log = sc.services.monitor.sample_log("r")
         cfg_path.write_text(yaml.safe_dump(sidecar_config(config("2MiB"))))
         async with client.post(sc.admin_url + "/admin/reload") as r:
             assert r.status == 200, await r.text()
-        assert sc.proxy.runtime.monitor.sample_log("r") is sample_log
+        assert sc.services.monitor.sample_log("r") is sample_log
         queued.clear()
         await send(10)
         await until(lambda: dropped_at_least(17 + 10 - 3), what="7 more lines dropped for bytes")

@@ -41,7 +41,7 @@ def mirrored(primary: str, shadow: str, mirror: dict[str, Any] | None = None, **
 
 
 def stats(sc: Sidecar, route: str = "fraud", backend: str = "shadow") -> dict[str, Any]:
-    for entry in sc.mirrors.status_json(sc.proxy.runtime.plan):
+    for entry in sc.services.mirrors.status_json(sc.proxy.runtime.plan):
         if entry["route"] == route and entry["backend"] == backend:
             return entry
     raise AssertionError(f"no mirror {route}/{backend}")
@@ -49,7 +49,7 @@ def stats(sc: Sidecar, route: str = "fraud", backend: str = "shadow") -> dict[st
 
 async def settle(sc: Sidecar) -> None:
     async with asyncio.timeout(10):
-        await sc.mirrors.wait_idle()
+        await sc.services.mirrors.wait_idle()
 
 
 async def post(client: aiohttp.ClientSession, url: str, **kw: Any) -> tuple[int, bytes, Any]:
@@ -164,7 +164,7 @@ async def test_hanging_shadow_with_a_breaker_is_skipped_until_it_recovers(upstre
     for _ in range(20):
         status, body, _ = await post(client, sc.proxy_url + PATH)
         assert status == 200 and orjson.loads(body) == {"predictions": [1]}
-    assert sc.mirrors.inflight == 0 and shadow.hits == 3
+    assert sc.services.mirrors.inflight == 0 and shadow.hits == 3
     assert stats(sc)["outcomes"]["skipped_unavailable"] == 20
     release.set()  # the shadow recovers; after open_for one probe closes the circuit
     await asyncio.sleep(0.7)
@@ -379,7 +379,7 @@ async def test_hanging_shadow_does_not_delay_drain_beyond_grace(upstreams, clien
         await asyncio.wait({task}, timeout=10)
     assert code == 0
     assert 0.4 <= elapsed < 1.5, elapsed
-    assert sc.mirrors.inflight == 0
+    assert sc.services.mirrors.inflight == 0
     assert stats(sc)["outcomes"]["cancelled"] == 1
     await shadow.wait_in_flight(0)
 
@@ -453,19 +453,19 @@ def test_stats_survive_a_reload_that_keeps_the_mirror():
     a removed mirror is forgotten."""
     from sidecar.core.compare import Verdict
     from sidecar.shell.metrics import Metrics
-    from sidecar.shell.mirror import Mirrors
+    from sidecar.shell.mirror import MirrorOutcome, Mirrors
 
     metrics = Metrics()
     plan = build_plan({"compare": {"path": "$.p"}})
     mirrors = Mirrors(metrics, lambda: 0.0, plan)
     stats = mirrors._stats_for(plan.routes[0].mirrors[0])
     stats.window.record_verdict(Verdict.AGREE)
-    stats.count("agree")
+    stats.count(MirrorOutcome.AGREE)
     mirrors.retain(build_plan({"compare": {"path": "$.p"}, "percent": 50}))
     assert mirrors._stats[("fraud", "shadow")] is stats and ratio(stats) == 1.0
     mirrors.retain(build_plan({"compare": {"path": "$.q"}}))
     assert mirrors._stats[("fraud", "shadow")] is stats and ratio(stats) is None
-    assert stats.cells["agree"].value == 1
+    assert stats.cells[MirrorOutcome.AGREE].value == 1
     no_mirror = build_plan({})
     no_mirror_routes = [r for r in no_mirror.routes if r.name == "plain"]
     mirrors.retain(dataclasses_replace_routes(no_mirror, no_mirror_routes))

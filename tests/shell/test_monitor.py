@@ -152,7 +152,7 @@ async def test_latency_percentiles_for_every_request(upstreams, make_sidecar: Ma
             assert r.status == 200
         async with client.post(sc.proxy_url + "/b", data=b"{}") as r:
             assert r.status == 503
-    status = sc.proxy.runtime.monitor.status_json()
+    status = sc.services.monitor.status_json()
     a = status["routes"]["a"]["ok"]
     assert a["count"] == 20 and a["error_rate"] == 0.0 and 0 < a["p50"] <= a["p95"] <= a["p99"]
     assert status["routes"]["b"]["bad"]["error_rate"] == 1.0
@@ -176,7 +176,7 @@ async def test_missing_and_wrong_typed_features_are_counted(upstreams, make_side
     for body in bodies:
         async with client.post(sc.proxy_url + "/", data=body) as r:
             assert r.status == 200
-    mon = sc.proxy.runtime.monitor
+    mon = sc.services.monitor
     await mon.tick(asyncio.get_running_loop())
     text = await metrics_text(client, sc)
     assert sample_value(text, "sidecar_monitor_missing_total", route="r", backend="m", feature="x") == 4.0
@@ -197,7 +197,7 @@ async def test_unsampled_and_streamed_answers(upstreams, make_sidecar: MakeSidec
     for _ in range(3):
         async with client.post(sc.proxy_url + "/", data=b"{}") as r:
             assert await r.read() == b'{"predictions": [0.5]}'
-    await sc.proxy.runtime.monitor.tick(asyncio.get_running_loop())
+    await sc.services.monitor.tick(asyncio.get_running_loop())
     text = await metrics_text(client, sc)
     assert sample_value(text, "sidecar_monitor_samples_total", route="r", backend="m") == 3.0
     assert sample_value(text, "sidecar_monitor_missing_total", route="r", backend="m", feature="score") is None
@@ -255,7 +255,7 @@ def test_reference_file_relative_to_config(tmp_path: Path):
     assert m is not None and m.log is not None
     assert m.reference_file == tmp_path.resolve() / "refs/r.json"
     assert m.log.path == tmp_path.resolve() / "logs/s.jsonl"
-    assert [p.text for p in plan.routes[0].redact_paths] == ["$.email"]
+    assert [p.text for p in m.log.redact] == ["$.email"]
     assert m.draw_below == 0.1 and m.log.sample == 0.1
 
 
@@ -292,7 +292,7 @@ async def test_statistics_survive_reload_of_unchanged_routes(models, make_sideca
     }
     sc = await make_sidecar(base)
     await drive(client, sc.proxy_url, 80, seed=4)
-    lat_before = sc.proxy.runtime.monitor.status_json()["routes"]["fraud"]["canary"]["count"]
+    lat_before = sc.services.monitor.status_json()["routes"]["fraud"]["canary"]["count"]
     n_before = 5 * lat_before  # every sampled answer judged (5 scores each), not just some
 
     async def all_judged() -> bool:
@@ -305,14 +305,14 @@ async def test_statistics_survive_reload_of_unchanged_routes(models, make_sideca
 
         parsed, secrets = parse_config(yaml.safe_dump(sidecar_config(cfg)))
         plan = Plan.build(LoadedConfig(parsed, config_version(parsed), None, secrets))
-        sc.proxy.runtime = Runtime.build(plan, sc.metrics, sc.proxy.runtime)
+        sc.adopt(Runtime.build(plan, sc.runtime))
 
     changed_other = {**base, "routes": [base["routes"][0], {**base["routes"][1], "timeout": 3}]}
     reload(changed_other)
     await asyncio.sleep(0.5)  # two drift passes on the new config
     after = await wait_rows(client, sc, {("canary", "score")})
     assert after[("canary", "score")]["n_cur"] == n_before
-    assert sc.proxy.runtime.monitor.status_json()["routes"]["fraud"]["canary"]["count"] == lat_before
+    assert sc.services.monitor.status_json()["routes"]["fraud"]["canary"]["count"] == lat_before
 
     changed_feature = {**base, "routes": [{**base["routes"][0], "monitor": monitor(window=300)},
                                           base["routes"][1]]}
@@ -338,7 +338,7 @@ async def test_sample_log_and_reference_command(models, make_sidecar: MakeSideca
     }
     sc = await make_sidecar(cfg)
     await drive(client, sc.proxy_url, 20, seed=9)
-    mon = sc.proxy.runtime.monitor
+    mon = sc.services.monitor
     await mon.tick(asyncio.get_running_loop())
     sample_log = mon.sample_log("fraud")
     assert sample_log is not None
@@ -381,7 +381,7 @@ async def test_unwritable_sample_log_is_counted_and_proxy_serves(upstreams, make
     for _ in range(10):
         async with client.post(sc.proxy_url + "/", data=b'{"a": 1}') as r:
             assert r.status == 200
-    mon = sc.proxy.runtime.monitor
+    mon = sc.services.monitor
     await mon.tick(asyncio.get_running_loop())
     sample_log = mon.sample_log("r")
     assert sample_log is not None

@@ -1,0 +1,100 @@
+"""The long-lived objects of one sidecar process: what outlives a config, with one owner.
+
+A `Runtime` (shell/runtime.py) lives for one config, and a reload builds the next one. What
+must outlive configs lives here instead, built once by the server (shell/server.py `Sidecar`,
+the one owner) and handed to whoever uses it (the proxy, the admin API, the reloader):
+
+    metrics      every metric family (shell/metrics.py)
+    access_log   the access log writer (shell/accesslog.py)
+    mirrors      shadow tasks, their cap and statistics (shell/mirror.py)
+    monitor      latency windows, payload sampling, drift, sample logs (shell/monitor.py)
+    overrides    runtime weight overrides and their file (shell/state.py)
+
+Their lifecycle, each step in one place:
+
+    build    `Services(plan, ...)`: from the first config
+    adopt    `adopt(runtime)`: a new config is about to serve; each keeps what did not change
+    run      `tasks()`: the background loops, for the server's TaskGroup
+    gauges   `bind_gauges(live)`: every callback gauge, bound once; they read the runtime that
+             serves at scrape time, so a reload rebinds nothing
+    stop     the server drains the mirrors and cancels the tasks (`Sidecar.run`)
+
+A capability that must outlive a reload (the rollout driver, fleet membership, notifications)
+becomes a field here and joins these steps; everything else reaches it as `services.<name>`.
+
+Imports: stdlib, sidecar.config, sidecar.shell (accesslog, metrics, mirror, monitor, runtime, state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from sidecar.config.plan import Plan
+from sidecar.shell.accesslog import AccessLog
+from sidecar.shell.metrics import Metrics, loop_task_samples
+from sidecar.shell.mirror import Mirrors
+from sidecar.shell.monitor import Monitor
+from sidecar.shell.runtime import Runtime
+from sidecar.shell.state import Overrides, resolve_state_dir
+
+
+class Services:
+    """See the module docstring. One per `Sidecar`."""
+
+    def __init__(self, plan: Plan, config_path: Path | None, rng: Callable[[], float],
+                 access_log_fd: int | None = None) -> None:
+        self.metrics = Metrics()
+        self.access_log = AccessLog(self.metrics.access_log_dropped.labels(), access_log_fd)
+        self.mirrors = Mirrors(self.metrics, rng)
+        self.monitor = Monitor(rng)
+        # state_dir is read once, at start (a reload that changes it warns: shell/reload.py)
+        self.overrides = Overrides(resolve_state_dir(plan.config.state_dir, config_path))
+        self._follow(plan)
+
+    def _follow(self, plan: Plan) -> None:
+        self.mirrors.retain(plan)      # statistics of unchanged (route, shadow) pairs stay
+        self.monitor.apply(plan)       # windows whose config did not change stay
+
+    def adopt(self, runtime: Runtime) -> list[str]:
+        """`runtime` is about to serve (a reload). Sync, so that no request or admin call sees
+        half of it. Returns the routes whose weight overrides its config cleared (docs/operations.md)."""
+        cleared = self.overrides.apply(runtime, "reload")
+        self._follow(runtime.plan)
+        return cleared
+
+    def tasks(self) -> dict[str, Coroutine[Any, Any, None]]:
+        """The background loops, by task name; each runs until cancelled."""
+        return {"access-log": self.access_log.run(), "monitor": self.monitor.run()}
+
+    def bind_gauges(self, live: Callable[[], Runtime]) -> None:
+        """The one place where callback gauges are bound to what they read at scrape time.
+
+        `live()` is the runtime serving at that moment, so a reload rebinds nothing.
+        """
+        m, monitor, mirrors = self.metrics, self.monitor, self.mirrors
+        # the running config's backends and routes
+        m.inflight.read = lambda: live().inflight_samples()
+        m.route_weight.read = lambda: live().weight_samples()
+        m.circuit_state.read = lambda: live().circuit_samples()
+        m.backend_healthy.read = lambda: live().healthy_samples()
+        m.endpoint_ejected.read = lambda: live().ejected_samples()
+        m.config_info.read = lambda: [((live().plan.version,), 1.0)]
+        # shadows
+        m.mirror_agreement.read = mirrors.agreement_samples
+        # the monitor's published snapshots
+        m.drift_statistic.read = monitor.drift_statistic_samples
+        m.drift_p_value.read = monitor.drift_p_samples
+        m.drift_detected.read = monitor.drift_detected_samples
+        m.route_latency.read = monitor.latency_samples
+        m.route_error_ratio.read = monitor.error_samples
+        m.monitor_samples.read = monitor.sampled_samples
+        m.monitor_missing.read = monitor.missing_samples
+        m.monitor_dropped.read = monitor.dropped_samples
+        m.sample_log_lines.read = monitor.sample_log_line_samples
+        m.sample_log_dropped.read = monitor.sample_log_dropped_samples
+        m.sample_log_queue_bytes.read = monitor.sample_log_queue_bytes_samples
+        m.sample_log_errors.read = monitor.sample_log_error_samples
+        # the process
+        m.event_loop_tasks.read = loop_task_samples
