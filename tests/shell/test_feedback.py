@@ -145,7 +145,7 @@ async def test_expired_prediction(upstreams, make_sidecar: MakeSidecar, client):
     a, _ = await predict(client, sc)
 
     async def expired() -> bool:
-        return (await feedback_doc(client, sc))["fraud"]["pending_expired"] == 1
+        return bool((await feedback_doc(client, sc))["fraud"]["pending_expired"] == 1)
 
     await until(expired, what="the prediction expired")
     status, doc = await post(client, sc, {"request_id": a, "label": 1})
