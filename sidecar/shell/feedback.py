@@ -304,18 +304,14 @@ class Feedback:
             out.append(doc)
         return out
 
-    def status_json(self) -> dict[str, Any]:
-        """The `/admin/status` section: per route and backend, the metric, its count, the score
-        mean, and per segment value the metric, count and too_small flag (published snapshot)."""
-        routes = []
-        for route, (summary, _) in self._published.items():
-            routes.append({
-                "route": route, "metric": str(summary.metric), "pending": summary.store.pending,
-                "backends": [{"backend": b.backend, "metric": b.metric, "count": b.count,
-                              "score_mean": b.score_mean,
-                              "segments": [s.to_json() for s in b.segments]} for b in summary.backends],
-            })
-        return {"routes": routes}
+    def status_rows(self) -> list[dict[str, Any]]:
+        """The `/admin/status` section (a table on the status page, beside drift): one row per
+        (route, backend): the metric's name and value, its count, the score mean, and per
+        segment value the metric, count and too_small flag (published snapshot)."""
+        return [{"route": route, "backend": b.backend, "metric": str(summary.metric), "value": b.metric,
+                 "count": b.count, "score_mean": b.score_mean,
+                 "segments": [s.to_json() for s in b.segments]}
+                for route, (summary, _) in self._published.items() for b in summary.backends]
 
     # -- metrics (scrape time, loop; bound by shell/services.py) -----------------------------------
 

@@ -98,7 +98,7 @@ class Sidecar:
 
     def _feedback_status(self) -> dict[str, Any]:
         """Feedback in /admin/status: per route and backend, the metric, count, score mean, segments."""
-        return {"feedback": self.services.feedback.status_json()["routes"]}
+        return {"feedback": self.services.feedback.status_rows()}
 
     @property
     def runtime(self) -> Runtime:

@@ -113,8 +113,9 @@ async def test_labels_for_real_answers_give_exact_accuracy_per_backend(upstreams
         len(want["stable"])
     assert sample_value(text, "sidecar_feedback_score_mean", route="fraud", backend="stable") == pytest.approx(0.9)
     st = await get_json(client, sc.admin_url + "/admin/status")
-    rows = {b["backend"]: b for b in st["feedback"][0]["backends"]}
+    rows = {row["backend"]: row for row in st["feedback"] if row["route"] == "fraud"}
     assert rows["stable"]["count"] == len(want["stable"]) and rows["canary"]["score_mean"] == pytest.approx(0.2)
+    assert rows["canary"]["value"] == pytest.approx(sum(want["canary"]) / len(want["canary"]))
 
 
 async def test_every_outcome_over_http(upstreams, make_sidecar: MakeSidecar, client):
