@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import orjson
 import pytest
 import yaml
 
+from sidecar.shell import feedback as feedback_module
 from sidecar.shell.server import Sidecar
 from tests import upstreams as u
 from tests.conftest import MakeSidecar, sidecar_config
@@ -267,3 +269,35 @@ async def test_reload_keeps_the_tracker_of_an_unchanged_route(upstreams, make_si
     await reload(cfg)
     await until(lambda: sc.services.feedback.tracker("fraud") is not before, what="a new tracker")
     assert sum(x["count"] for x in (await feedback_doc(client, sc))["fraud"]["backends"]) == 0
+
+
+async def test_captures_and_joins_are_bounded_while_the_worker_is_stuck(upstreams, make_sidecar: MakeSidecar, client,
+                                                                        monkeypatch: pytest.MonkeyPatch):
+    """While the feedback worker is stuck, answers still go out: captures past the bound are
+    dropped and counted (queue_full), and posts past the join bound get 503; once it is free,
+    the kept captures join."""
+    monkeypatch.setattr(feedback_module, "MAX_PENDING", 3)
+    monkeypatch.setattr(feedback_module, "MAX_JOINS", 1)
+    sc = await make_sidecar({"backends": await two_backends(upstreams), "routes": [route()]})
+    stuck = threading.Event()
+    fb = sc.services.feedback
+    blocker = fb._executor.submit(stuck.wait, 10)
+    try:
+        answered = [await predict(client, sc) for _ in range(5)]          # answered though the worker is stuck
+        assert (await feedback_doc_cached(sc))["fraud"]["captures_missed"] == {"queue_full": 2}
+        items = [{"request_id": rid, "label": 1} for rid, _ in answered]
+        first = asyncio.ensure_future(post(client, sc, items))
+        await until(lambda: not fb.would_accept_join(), what="the first post waits for the worker")
+        status, doc = await post(client, sc, {"request_id": "x", "label": 1})
+        assert status == 503 and doc["error"]["type"] == "overloaded"
+    finally:
+        stuck.set()
+    await asyncio.wrap_future(blocker)
+    status, doc = await first
+    assert status == 200
+    assert [r["outcome"] for r in doc["results"]] == ["joined"] * 3 + ["unknown"] * 2
+
+
+async def feedback_doc_cached(sc: Sidecar) -> dict[str, Any]:
+    """/admin/feedback's routes from the published snapshot (no worker pass: it is stuck)."""
+    return {r["route"]: r for r in sc.services.feedback.routes_json()}
