@@ -301,3 +301,22 @@ async def test_captures_and_joins_are_bounded_while_the_worker_is_stuck(upstream
 async def feedback_doc_cached(sc: Sidecar) -> dict[str, Any]:
     """/admin/feedback's routes from the published snapshot (no worker pass: it is stuck)."""
     return {r["route"]: r for r in sc.services.feedback.routes_json()}
+
+
+async def test_step_view_for_the_rollout(upstreams, make_sidecar: MakeSidecar, client):
+    """`services.feedback.mark` / `since` give the feedback joined since a mark, per backend:
+    what a rollout step is judged on."""
+    sc = await make_sidecar({"backends": await two_backends(upstreams), "routes": [route()]})
+    fb = sc.services.feedback
+    before = [await predict(client, sc) for _ in range(6)]
+    assert (await post(client, sc, [{"request_id": rid, "label": 1} for rid, _ in before]))[0] == 200
+    mark = await fb.mark("fraud")
+    assert mark is not None and await fb.mark("nope") is None
+    after = [await predict(client, sc) for _ in range(10)]
+    assert (await post(client, sc, [{"request_id": rid, "label": 1} for rid, _ in after]))[0] == 200
+    step = await fb.since("fraud", mark)
+    assert step is not None
+    for backend in ("stable", "canary"):
+        n = sum(1 for _, b in after if b == backend)
+        assert step.backend(backend).count == n
+        assert step.backend(backend).value(step.metric) == (None if n == 0 else 1.0 if backend == "stable" else 0.0)
