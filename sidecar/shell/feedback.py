@@ -33,7 +33,7 @@ most MAX_PENDING answers and MAX_PENDING_BYTES of their bodies.
 Reload: a route's tracker is kept while its `FeedbackPlan.fingerprint` is the same, and
 dropped (its pending predictions and metrics with it) otherwise.
 
-Imports: stdlib, orjson, sidecar.config, sidecar.core.feedback, sidecar.shell.formats.
+Imports: stdlib, sidecar.config, sidecar.core.feedback, sidecar.errors, sidecar.shell.formats.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ from sidecar.core.feedback import (
     feedback_items,
     results_json,
 )
+from sidecar.errors import Overloaded
 from sidecar.shell.formats import load_json
 
 log = logging.getLogger("sidecar.feedback")
@@ -159,8 +160,10 @@ class Feedback:
         return self._joins < MAX_JOINS
 
     async def join(self, plan: FeedbackPlan, body: bytes) -> dict[str, Any]:
-        """`POST {plan.path}`: the 200 document. Raises BadFeedback (400). The caller checks
-        `would_accept_join` first (503 when it is False)."""
+        """`POST {plan.path}`: the 200 document. Raises BadFeedback (400), and Overloaded (503)
+        past MAX_JOINS (the caller also asks `would_accept_join` before it reads the body)."""
+        if not self.would_accept_join():
+            raise Overloaded("too many feedback posts being joined")
         loop = asyncio.get_running_loop()
         self._joins += 1
         try:
