@@ -88,6 +88,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for r in cfg.routes:
         split = ", ".join(f"{b}={w:g}" for b, w in r.split.items())
         print(f"  route {r.name}: {r.match.path_prefix} -> {split}")
+        if r.feedback is not None:
+            print(f"    feedback: POST {r.feedback.path} ({r.feedback.metric}, keep {r.feedback.keep:g}s, "
+                  f"max_pending {r.feedback.max_pending})")
     return 0
 
 

@@ -9,6 +9,7 @@
     POST   /admin/reload                     reload the file now: 200 + version, or 400 + errors
     PUT    /admin/routes/{route}/weights     runtime weight override (partial body)
     DELETE /admin/routes/{route}/weights     drop the override: back to the config's weights
+    GET    /admin/feedback                   feedback per route, backend and segment value
     GET    /admin/openapi.json               OpenAPI 3.1 of all of the above
 
 Guard (one middleware, `_guard`), its checks in this order; the first that fails answers:
@@ -256,6 +257,13 @@ async def mirrors(request: web.Request) -> web.Response:
     return web.json_response({"mirrors": sidecar.services.mirrors.status_json(sidecar.proxy.runtime.plan)})
 
 
+async def feedback(request: web.Request) -> web.Response:
+    """GET /admin/feedback: per route and backend, outcome counts, the metric overall and per
+    segment value, the confidence signal (shell/feedback.py; fresh from its worker)."""
+    fb = request.app[SIDECAR_KEY].services.feedback
+    return web.json_response({"routes": fb.routes_json(await fb.snapshot())})
+
+
 async def drift(request: web.Request) -> web.Response:
     """Per route, backend and feature, the last drift pass (shell/monitor.py)."""
     return web.json_response(request.app[SIDECAR_KEY].services.monitor.drift_json())
@@ -479,4 +487,5 @@ def build_admin_app(sidecar: AdminHost) -> web.Application:
     app.router.add_get("/admin/openapi.json", openapi)
     app.router.add_get("/admin/mirrors", mirrors)
     app.router.add_get("/admin/drift", drift)
+    app.router.add_get("/admin/feedback", feedback)
     return app

@@ -84,7 +84,8 @@ class Sidecar:
         self.started_at = time.time()
         self.reloader = Reloader(self, self.services.metrics, poll_s=config_poll_s)
         # each capability adds one callable: () -> {"mirrors": ...}, or (backend) -> {"circuit": ...}
-        self.status_providers: list[StatusProvider] = [self._mirror_status, self._drift_status]
+        self.status_providers: list[StatusProvider] = [self._mirror_status, self._drift_status,
+                                                            self._feedback_status]
 
     def _mirror_status(self) -> dict[str, Any]:
         """Mirrors in /admin/status: one row per (route, shadow); disagreements stay in /admin/mirrors."""
@@ -94,6 +95,10 @@ class Sidecar:
     def _drift_status(self) -> dict[str, Any]:
         """Drift in /admin/status: one row per (route, backend, feature) of the last pass."""
         return {"drift": [row.to_json() for row in self.services.monitor.drift_rows()]}
+
+    def _feedback_status(self) -> dict[str, Any]:
+        """Feedback in /admin/status: per route and backend, the metric, count, score mean, segments."""
+        return {"feedback": self.services.feedback.status_rows()}
 
     @property
     def runtime(self) -> Runtime:
