@@ -527,7 +527,8 @@ class RouteConfig(_Model):
     timeout: Seconds = Field(default=15.0, description="deadline until the answer starts, retries included")
     mirror: list[MirrorConfig] = Field(default_factory=list, description="shadow copies of the requests")
     monitor: MonitorConfig | None = Field(default=None, description="payload sampling, drift, sample log")
-    retry: RetryConfig | None = Field(default=None, description="without it a route makes one try")
+    retry: RetryConfig | None = Field(
+        default=None, description="without it a route makes one try, and one more after a connect error (nothing sent)")
     fallback: list[FallbackConfig] = Field(
         default_factory=list, description="tried in order when the split cannot produce a good answer")
     feedback: FeedbackConfig | None = Field(

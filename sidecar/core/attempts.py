@@ -333,8 +333,11 @@ class Attempts(RetryState):
 
     def stream_broke(self) -> NoRetry | None:
         """The answer passed on broke after bytes reached the client: it is never replayed
-        (docs/reference/http.md). The retry it would otherwise have had, to count; None when none was left."""
-        return NoRetry.STARTED if self.tries < self.policy.attempts else None
+        (docs/reference/http.md). The retry it would otherwise have had, to count; None when none was left,
+        or when only connect errors are retried (a route without `retry`): a stream that broke was sent."""
+        if self.tries >= self.policy.attempts or self.policy.connect_errors_only:
+            return None
+        return NoRetry.STARTED
 
     # -- transitions ------------------------------------------------------------------------------
 

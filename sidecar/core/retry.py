@@ -112,19 +112,26 @@ class RetryPolicy:
 
     @classmethod
     def single(cls) -> RetryPolicy:
-        """A route without `retry`: one try, never retried."""
+        """A route without `retry`: one try, except that a connect error (nothing was sent) is
+        tried once more, on another available backend of the split when there is one, as
+        nginx's default `proxy_next_upstream error` does (docs/resilience.md)."""
         return cls(
-            attempts=1,
-            on_connect_error=False,
+            attempts=2,
+            on_connect_error=True,
             on_timeout=False,
             on_reset=False,
             on_5xx=False,
             on_statuses=frozenset(),
             backoff_base_s=0.0,
             backoff_max_s=0.0,
-            other_backend=False,
+            other_backend=True,
             hedge_after_s=None,
         )
+
+    @property
+    def connect_errors_only(self) -> bool:
+        """Only tries that sent nothing are retried (RetryPolicy.single)."""
+        return self._retry_on == {Outcome.CONNECT_ERROR} and not self.on_statuses
 
     def is_final(self, outcome: Outcome, status: int) -> bool:
         """Whether an answer goes to the client as it is, no retry considered: 1xx-3xx, or a

@@ -10,6 +10,7 @@ import yaml
 from sidecar.config.load import LoadedConfig, config_version, parse_config
 from sidecar.config.plan import Plan
 from sidecar.core.balance import Balance
+from sidecar.core.retry import RetryPolicy
 from sidecar.errors import ConfigError
 from sidecar.shell.runtime import Runtime
 
@@ -74,7 +75,7 @@ def test_plan_compiles_policies_and_per_backend_timeouts():
     assert [e.base_path for e in ranker.endpoints] == ["/a", ""]
     assert ranker.balance is Balance.LEAST_REQUEST and ranker.breaker is None
     no_retry = plan_of(BASE).routes[0]
-    assert no_retry.retry.attempts == 1 and no_retry.retry_budget is None
+    assert no_retry.retry == RetryPolicy.single() and no_retry.retry_budget is None
 
 
 def test_rebuild_keeps_state_of_unchanged_backends_and_routes():

@@ -77,14 +77,19 @@ def test_explicitly_listed_4xx_is_retried():
     assert not p.would_retry(Outcome.CLIENT_ERROR, 404)
 
 
-def test_single_never_retries():
-    """A route without `retry` makes exactly one try, whatever goes wrong."""
+def test_single_retries_only_a_connect_error_once():
+    """A route without `retry` makes one try, but a connect error (nothing was sent) is tried once
+    more, elsewhere when it can be, as nginx's default proxy_next_upstream does."""
     p = RetryPolicy.single()
-    assert p.attempts == 1
-    assert not any(p.would_retry(o, 503) for o in Outcome)
+    assert p.attempts == 2 and p.other_backend and p.connect_errors_only
+    assert [o for o in Outcome if p.would_retry(o, 503)] == [Outcome.CONNECT_ERROR]
     state = RetryState(p, None, deadline=100.0)
     state.record_try()
-    assert state.decide(Outcome.CONNECT_ERROR, None, 0.0, half) is NoRetry.NOT_RETRYABLE
+    assert state.decide(Outcome.SERVER_ERROR, 503, 0.0, half) is NoRetry.NOT_RETRYABLE
+    assert state.decide(Outcome.TIMEOUT, None, 0.0, half) is NoRetry.NOT_RETRYABLE
+    assert state.decide(Outcome.CONNECT_ERROR, None, 0.0, half) == 0.0  # at once: no backoff
+    state.record_try()
+    assert state.decide(Outcome.CONNECT_ERROR, None, 0.0, half) is NoRetry.ATTEMPTS
 
 
 @pytest.mark.parametrize(

@@ -49,6 +49,21 @@ FAST_RETRY = {"attempts": 3, "backoff": {"base": 0, "max": 0}, "on": ["connect-e
 # -- retries -----------------------------------------------------------------------------------
 
 
+async def test_connect_error_without_retry_goes_to_another_backend(upstreams, make_sidecar: MakeSidecar, client):
+    """A route without `retry`: a backend that refuses the connection (nothing was sent) costs the
+    client nothing; the other backend of the split answers, in two tries."""
+    ok = await upstreams.start(u.answer())
+    sc = await make_sidecar({"backends": {"down": {"url": u.refused_url()}, "ok": {"url": ok.url}},
+                             "routes": [{"name": "s", "match": {"path_prefix": "/s"},
+                                         "split": {"down": 99, "ok": 1}},
+                                        {"name": "r", "match": {"path_prefix": "/"}, "split": {"down": 1}}]})
+    async with client.post(f"{sc.proxy_url}/s/x", data=b"{}") as r:
+        assert r.status == 200 and r.headers["x-sidecar-backend"] == "ok"
+        assert r.headers["x-sidecar-attempts"] == "2"
+    async with client.post(f"{sc.proxy_url}/x", data=b"{}") as r:  # no other backend: one retry, then 502
+        assert r.status == 502 and r.headers["x-sidecar-attempts"] == "2"
+
+
 async def test_fails_twice_then_answers(upstreams, make_sidecar: MakeSidecar, client):
     """A backend that fails twice still answers the client, on the third try, and says so."""
     up = await upstreams.start(u.fail_n(2, 503))
