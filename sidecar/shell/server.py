@@ -114,8 +114,9 @@ class Sidecar:
         return cleared
 
     async def save_overrides(self) -> None:
-        """Persist the weight overrides (after `adopt` cleared some)."""
+        """Persist the weight overrides (after `adopt` cleared some) and the rollouts' state."""
         await self.services.overrides.save()
+        await self.services.rollouts.persist()
 
     @property
     def proxy_url(self) -> str:
@@ -206,6 +207,8 @@ class Sidecar:
         overrides = self.services.overrides
         await asyncio.to_thread(overrides.load, self.proxy.runtime.plan)
         overrides.apply(self.proxy.runtime, "config changed since the state was saved")
+        # rollouts resume (or start) and apply their weights over the overrides
+        await self.services.rollouts.start(lambda: self.proxy.runtime)
         if overrides.dirty:
             await overrides.save()
 
