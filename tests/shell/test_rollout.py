@@ -221,3 +221,46 @@ async def test_state_persisted_resumes_at_the_same_step(upstreams, make_sidecar,
     sc3 = await make_sidecar(cfg3)
     doc = await rollout_of(client, sc3)
     assert doc["state"] == "progressing" and doc["step"] == 0 and doc["weights"] == {"canary": 5, "stable": 95}
+
+
+async def test_reload_keeps_an_unchanged_rollout_and_restarts_a_changed_one(upstreams, make_sidecar, client,
+                                                                            tmp_path):
+    """A reload that leaves the rollout block alone keeps its step (weights applied again); one that changes it
+    starts at step 0."""
+    from tests.shell.test_reload import write_config
+
+    stable, canary = await upstreams.start(), await upstreams.start()
+    cfg = rollout_config(stable.url, canary.url, steps=[10, 30, 60, 100], interval="1h")
+    path = tmp_path / "sidecar.yaml"
+    sc = await make_sidecar(cfg, path=path)
+    status, _ = await post_action(client, sc, "pause")
+    assert status == 200
+    cfg["routes"][0]["timeout"] = "7s"            # the route changes (its override is cleared) ...
+    write_config(path, cfg)
+    async with client.post(sc.admin_url + "/admin/reload") as r:
+        assert r.status == 200, await r.text()
+    doc = await rollout_of(client, sc)
+    assert doc["state"] == "paused"              # ... the rollout stays, and its weights apply again
+    route = sc.runtime.plan.routes[0]
+    assert sc.runtime.splits["fraud"].weights[route.backends.index("canary")] == 10
+    cfg["routes"][0]["rollout"]["steps"] = [20, 100]
+    write_config(path, cfg)
+    async with client.post(sc.admin_url + "/admin/reload") as r:
+        assert r.status == 200, await r.text()
+    doc = await rollout_of(client, sc)
+    assert doc["state"] == "progressing" and doc["step"] == 0 and doc["weights"] == {"canary": 20, "stable": 80}
+
+
+async def test_dry_run_judges_but_changes_no_weight(upstreams, make_sidecar, client):
+    """In dry run the rollout steps through its decisions and shows the weights it would set, routing unchanged."""
+    stable, canary = await upstreams.start(), await upstreams.start()
+    cfg = rollout_config(stable.url, canary.url, dry_run=True)
+    cfg["routes"][0]["split"] = {"stable": 50, "canary": 50}
+    sc = await make_sidecar(cfg)
+    async with traffic(client, sc.proxy_url):
+        doc = await wait_state(client, sc, "promoted", 10)
+    assert doc["would_weights"] == {"canary": 100, "stable": 0}
+    route = sc.runtime.plan.routes[0]
+    assert sc.runtime.splits["fraud"].weights[route.backends.index("canary")] == 50
+    async with client.put(sc.admin_url + "/admin/routes/fraud/weights", json={"canary": 1}) as r:
+        assert r.status == 200
