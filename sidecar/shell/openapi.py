@@ -139,6 +139,9 @@ _SCHEMAS: dict[str, Any] = {
             "backends": {"type": "array", "items": _ref("BackendStatus")},
             "mirrors": {"description": "present when mirroring is available"},
             "drift": {"description": "present when monitoring is available"},
+            "rollout_decisions": {"type": "array", "description": "recent rollout decisions (20 per route, newest "
+                                                                  "first): route, time, step, canary_weight, "
+                                                                  "verdict, action, state, reason"},
         },
     },
 }
