@@ -334,7 +334,10 @@ class RolloutDriver:
     # -- persistence --------------------------------------------------------------------------
 
     async def persist(self) -> bool:
-        """Write rollouts.json if any state changed since the last write (atomic, off the loop)."""
+        """Write rollouts.json if any state changed since the last write (atomic, off the loop),
+        and the weight overrides the rollout set (state.json, shell/state.py)."""
+        if self.overrides.dirty:
+            await self.overrides.save()
         path = self.path
         if path is None:
             self._written = self._generation

@@ -264,3 +264,15 @@ async def test_dry_run_judges_but_changes_no_weight(upstreams, make_sidecar, cli
     assert sc.runtime.splits["fraud"].weights[route.backends.index("canary")] == 50
     async with client.put(sc.admin_url + "/admin/routes/fraud/weights", json={"canary": 1}) as r:
         assert r.status == 200
+
+
+async def test_canary_whose_circuit_opens_fails_its_step_at_once(upstreams, make_sidecar, client):
+    """A canary whose circuit breaker opens is rolled back at once, not at the interval's end."""
+    stable, canary = await upstreams.start(), await upstreams.start(answer(status=500))
+    cfg = rollout_config(stable.url, canary.url, steps=[50, 100], interval="1h")
+    cfg["backends"]["canary"]["circuit_breaker"] = {"consecutive_failures": 3, "open_for": "60s"}
+    sc = await make_sidecar(cfg)
+    async with traffic(client, sc.proxy_url):
+        doc = await wait_state(client, sc, "rolled_back", 5)
+    assert doc["decisions"][-1]["gates"][0]["gate"] == "circuit"
+    assert doc["weights"] == {"canary": 0, "stable": 100}
