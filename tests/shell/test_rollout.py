@@ -276,3 +276,46 @@ async def test_canary_whose_circuit_opens_fails_its_step_at_once(upstreams, make
         doc = await wait_state(client, sc, "rolled_back", 5)
     assert doc["decisions"][-1]["gates"][0]["gate"] == "circuit"
     assert doc["weights"] == {"canary": 0, "stable": 100}
+
+
+async def test_sigkilled_sidecar_resumes_its_rollout_at_the_same_step(upstreams, tmp_path):
+    """A `sidecar run` killed with SIGKILL mid-rollout resumes, started again, at the step it had reached."""
+    from tests.shell.test_lifecycle import start_process
+
+    stable, canary = await upstreams.start(), await upstreams.start()
+    cfg = {"listen": "127.0.0.1:0", "admin": {"listen": "127.0.0.1:0"}, "access_log": False,
+           "drain": {"delay": 0, "grace": 2}, "state_dir": str(tmp_path / "state"),
+           **rollout_config(stable.url, canary.url, steps=[10, 30, 60, 100], interval=0.4)}
+
+    async def drain_stderr(proc: Any) -> None:
+        while await proc.stderr.readline():
+            pass
+
+    proc, port, admin_port = await start_process(cfg, tmp_path)
+    reader = asyncio.ensure_future(drain_stderr(proc))
+    async with aiohttp.ClientSession() as s:
+        async def at_step_1() -> bool:
+            async with s.get(f"http://127.0.0.1:{admin_port}/admin/routes/fraud/rollout") as r:
+                return bool((await r.json())["step"] == 1)
+
+        async with traffic(s, f"http://127.0.0.1:{port}"):
+            await until(at_step_1, 10, "step 1")
+        async with s.post(f"http://127.0.0.1:{admin_port}/admin/routes/fraud/rollout/pause") as r:
+            assert r.status == 200
+        proc.kill()
+        await proc.wait()
+        await reader
+        proc, port, admin_port = await start_process(cfg, tmp_path)
+        reader = asyncio.ensure_future(drain_stderr(proc))
+        try:
+            async with s.get(f"http://127.0.0.1:{admin_port}/admin/routes/fraud/rollout") as r:
+                doc = await r.json()
+            assert doc["state"] == "paused" and doc["step"] == 1
+            assert doc["weights"] == {"canary": 30, "stable": 70}
+            async with s.get(f"http://127.0.0.1:{admin_port}/admin/status") as r:
+                route = (await r.json())["routes"][0]
+            assert route["current_weights"] == {"stable": 70.0, "canary": 30.0}
+        finally:
+            proc.terminate()
+            await proc.wait()
+            await reader
