@@ -500,7 +500,10 @@ async def post_rollout(request: web.Request) -> web.Response:
         return admin_error(404, "not_found", f"unknown rollout action {request.match_info['action']!r} "
                                              f"(known: {', '.join(a.value for a in AdminAction)})")
     rollouts = sidecar.services.rollouts
-    res = await rollouts.admin(route.name, action)
+    try:
+        res = await rollouts.admin(route.name, action)
+    except KeyError:
+        return admin_error(404, "not_found", f"route {route.name!r} has no rollout")
     if res.error is not None:
         return admin_error(res.error.status, res.error.type, res.error.message, route=route.name)
     log.info("rollout of route %s: %s by the admin API", route.name, action)

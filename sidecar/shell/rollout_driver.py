@@ -192,6 +192,8 @@ class RolloutDriver:
             ro = _Rollout(name, rp, res.state, res.next_check_at)
             self.by_route[name] = ro
             self._carry_out(runtime, ro, res)
+        for name in self._saved:
+            log.warning("saved rollout state of route %s dropped: the route has no rollout now", name)
         self._saved = {}
 
     # -- the loop -----------------------------------------------------------------------------
@@ -250,8 +252,9 @@ class RolloutDriver:
     # -- admin --------------------------------------------------------------------------------
 
     async def admin(self, route: str, action: AdminAction, reason: str = "admin") -> Result:
-        ro = self.by_route[route]
+        """Carry out an admin action; KeyError when the route has no rollout (any more: a reload)."""
         async with self._lock:
+            ro = self.by_route[route]    # looked up under the lock: a reload may have replaced it
             res = handle(ro.plan.policy, ro.state, Admin(action, reason), self.clock())
             if res.error is None and self._live is not None:
                 self._carry_out(self._live(), ro, res)
