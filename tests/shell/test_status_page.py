@@ -92,6 +92,7 @@ async def test_page_shows_the_rollout_and_its_decisions(upstreams, make_sidecar:
     dom = await render(sc.admin_url + "/", tmp_path / "profile")
     assert "paused · step 0 of 2 (10%) · canary=10 stable=90 · paused by admin" in dom
     assert 'id="section-rollout_decisions"' in dom and "paused by admin" in dom
+    assert '<svg' in dom and 'class="timeline"' in dom and 'class="decision manual"' in dom
 
 
 async def test_page_asks_for_the_token(upstreams, make_sidecar: MakeSidecar, tmp_path):
