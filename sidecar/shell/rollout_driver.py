@@ -211,6 +211,7 @@ class RolloutDriver:
                 except TimeoutError:
                     pass
                 await self.tick()
+                await self.persist()   # a no-op unless something changed (a reload starting a rollout anew)
             except asyncio.CancelledError:
                 raise
             except Exception:
