@@ -89,6 +89,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for r in cfg.routes:
         split = ", ".join(f"{b}={w:g}" for b, w in r.split.items())
         print(f"  route {r.name}: {r.match.path_prefix} -> {split}")
+        if (ro := r.rollout) is not None:
+            print(f"    rollout {ro.canary} vs {ro.baseline}: steps {ro.steps} every {ro.interval:g}s"
+                  + (" (dry run)" if ro.dry_run else ""))
     return 0
 
 
