@@ -92,6 +92,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if (ro := r.rollout) is not None:
             print(f"    rollout {ro.canary} vs {ro.baseline}: steps {ro.steps} every {ro.interval:g}s"
                   + (" (dry run)" if ro.dry_run else ""))
+        if r.feedback is not None:
+            print(f"    feedback: POST {r.feedback.path} ({r.feedback.metric}, keep {r.feedback.keep:g}s, "
+                  f"max_pending {r.feedback.max_pending})")
     return 0
 
 

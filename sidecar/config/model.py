@@ -370,11 +370,10 @@ class MonitorConfig(_Model):
 
 # --- feedback (ground truth joined to predictions; docs/feedback.md) -------------------------
 
-# NOTE: the shell does not serve `feedback` yet (no capture in the proxy, no feedback
-# endpoint, no admin view). Until it does, a config holding the section is refused with
-# this explanation rather than accepted without effect (docs/feedback.md#status). The change
-# that wires the shell sets this to True.
-FEEDBACK_SERVED: bool = False
+# The shell serves `feedback` (shell/feedback.py: capture in the proxy, the POST endpoint,
+# GET /admin/feedback, metrics). False would refuse every config holding the section, with
+# an explanation, rather than accept it without effect (docs/feedback.md#status).
+FEEDBACK_SERVED: bool = True
 MAX_SEGMENTS: Final = 16
 MAX_SEGMENT_VALUES: Final = 100
 MAX_SEGMENT_VALUE_CHARS: Final = 64

@@ -260,8 +260,8 @@ class MonitorPlan:
 
 @dataclass(frozen=True, slots=True)
 class FeedbackPlan:
-    """A route's `feedback` section, compiled (docs/feedback.md). NOT wired into the shell yet
-    (config/model.py's FEEDBACK_SERVED); what each part is for:
+    """A route's `feedback` section, compiled (docs/feedback.md); served by shell/feedback.py.
+    What each part is for:
 
     - the proxy: for every answered request of the route, read the answer whole (up to
       `limits.max_body_bytes`), and hand (backend, request id, monotonic time, request body

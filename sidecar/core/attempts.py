@@ -183,9 +183,10 @@ class Attempts(RetryState):
 
     A `RetryState` (tries, deadline, budget, `decide`) with the round, what is kept and the
     chain's position on top. Hot path (NOTE): one try that answers well is `start`, `picked`,
-    `ended` with no allocation but this object; so the round's fields are set where a round
-    starts (`_start_round`), the chain's where it starts (`_begin_fallback`), and the kept
-    result's flags only with `_kept`, not here.
+    `ended`: three calls and no allocation but this object (a Python call costs about as much
+    as twenty attribute reads here, so the hot branches are written inline); the round's
+    fields are set where a round starts, the chain's where it starts (`_begin_fallback`), and
+    the kept result's flags only with `_kept`, not in `__init__`.
     """
 
     __slots__ = ("_first", "_first_index", "_hedge_index", "_inflight", "_kept", "_kept_answer", "_kept_streamed",
@@ -209,7 +210,8 @@ class Attempts(RetryState):
 
     def __init__(self, policy: RetryPolicy, budget: RetryBudget | None, deadline: float, rng: Rng,
                  chain: tuple[Fallback, ...] = ()) -> None:
-        RetryState.__init__(self, policy, budget, deadline)
+        # RetryState.__init__, inline: one call less per request (hot path)
+        self.policy, self.budget, self.deadline, self.tries = policy, budget, deadline, 0
         self.rng = rng                   # backoff jitter
         self.chain = chain               # the route's fallback steps, in order
         self.phase = _PICK
@@ -217,7 +219,7 @@ class Attempts(RetryState):
         # failure; 0: nothing yet. With it, `_kept_answer` (an answer, not a failure) and
         # `_kept_streamed` (an answer that holds its connection).
         self._kept = 0
-        # Set by `_start_round`: the round's tries running (`_inflight`), its first try
+        # Set as a round starts (`picked` in PICK): the round's tries running (`_inflight`), its first try
         # (`_first`, `_first_index`), a hedge's backend (`_hedge_index`), its result so far
         # (`_r`, 0: none yet, and `_r_*`). Set by `_round_ended`: the previous round's result
         # (`_prev`, `_last_index`), whose backend and endpoint a retry avoids.
@@ -241,10 +243,28 @@ class Attempts(RetryState):
         """The reply to Pick and PickHedge (a split index) and to PickFallback (the step);
         None: no backend may take a try now."""
         phase = self.phase
-        if phase is _PICK:
+        if phase is _PICK:               # a round starts: its first try
             if index is None:
                 return self._begin_fallback(now, None, ())
-            return self._start_round(index, now)
+            no = self.tries = self.tries + 1
+            self.phase = _TRYING
+            self._inflight = 1
+            self._r = 0
+            self._first, self._first_index = no, index
+            policy = self.policy
+            if policy.hedge_after_s is not None and no < policy.attempts:
+                hedge_at: float | None = now + policy.hedge_after_s
+            elif no == 1:                # hot path: the first try, no hedge; made once per backend
+                cmd = _FIRST_TRIES.get(index)
+                if cmd is None:
+                    cmd = _FIRST_TRIES[index] = Try(1, index)
+                return cmd
+            else:
+                hedge_at = None
+            if no == 1:
+                return Try(1, index, hedge_at=hedge_at)
+            return Try(no, index, avoid_endpoint_of=self._prev if index == self._last_index else 0,
+                       hedge_at=hedge_at)
         if phase is _HEDGE_PICK:
             self.phase = _TRYING
             if index is None:
@@ -317,24 +337,6 @@ class Attempts(RetryState):
         return NoRetry.STARTED if self.tries < self.policy.attempts else None
 
     # -- transitions ------------------------------------------------------------------------------
-
-    def _start_round(self, index: int, now: float) -> Try:
-        self.record_try()
-        no = self.tries
-        self.phase = _TRYING
-        self._inflight = 1
-        self._r = 0
-        self._first, self._first_index = no, index
-        policy = self.policy
-        hedge_at = now + policy.hedge_after_s if policy.hedge_after_s is not None and no < policy.attempts else None
-        if no == 1:
-            if hedge_at is not None:
-                return Try(1, index, hedge_at=hedge_at)
-            cmd = _FIRST_TRIES.get(index)
-            if cmd is None:
-                cmd = _FIRST_TRIES[index] = Try(1, index)
-            return cmd
-        return Try(no, index, avoid_endpoint_of=self._prev if index == self._last_index else 0, hedge_at=hedge_at)
 
     def _round_ended(self, now: float, release: tuple[int, ...]) -> Command:
         r, outcome, status = self._r, self._r_outcome, self._r_status

@@ -12,6 +12,7 @@
                                              (both 409 while the route's rollout steers its weights)
     GET    /admin/routes/{route}/rollout     the rollout: state, step, weights, decisions
     POST   /admin/routes/{route}/rollout/{action}  pause, resume, promote, rollback, restart (409: not allowed)
+    GET    /admin/feedback                   feedback per route, backend and segment value
     GET    /admin/openapi.json               OpenAPI 3.1 of all of the above
 
 Guard (one middleware, `_guard`), its checks in this order; the first that fails answers:
@@ -258,6 +259,13 @@ async def mirrors(request: web.Request) -> web.Response:
     """GET /admin/mirrors: per route and shadow, see shell/mirror.py `Mirrors.status_json`."""
     sidecar = request.app[SIDECAR_KEY]
     return web.json_response({"mirrors": sidecar.services.mirrors.status_json(sidecar.proxy.runtime.plan)})
+
+
+async def feedback(request: web.Request) -> web.Response:
+    """GET /admin/feedback: per route and backend, outcome counts, the metric overall and per
+    segment value, the confidence signal (shell/feedback.py; fresh from its worker)."""
+    fb = request.app[SIDECAR_KEY].services.feedback
+    return web.json_response({"routes": fb.routes_json(await fb.snapshot())})
 
 
 async def drift(request: web.Request) -> web.Response:
@@ -540,4 +548,5 @@ def build_admin_app(sidecar: AdminHost) -> web.Application:
     app.router.add_get("/admin/openapi.json", openapi)
     app.router.add_get("/admin/mirrors", mirrors)
     app.router.add_get("/admin/drift", drift)
+    app.router.add_get("/admin/feedback", feedback)
     return app

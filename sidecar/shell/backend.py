@@ -87,8 +87,10 @@ class Backend:
     def available(self, now: float) -> bool:
         """Whether a new try may be picked here now (docs/reference/http.md#the-split); spends nothing."""
         cap = self._cap
-        if cap is not None and self.inflight >= cap:
-            return False
+        if cap is not None:  # the `inflight` property, inline: this runs for every backend of every pick
+            pools = self.pools
+            if (pools[0].inflight if len(pools) == 1 else sum(p.inflight for p in pools)) >= cap:
+                return False
         breaker = self.breaker
         if breaker is not None and not breaker.would_allow(now):
             return False

@@ -273,6 +273,32 @@ class Metrics:
                           self.sample_log_lines, self.sample_log_dropped, self.sample_log_queue_bytes,
                           self.sample_log_errors]
 
+        # feedback: read from shell/feedback.py's published snapshots at scrape time
+        self.feedback_total = CallbackCounter(
+            "feedback_total", "Posted feedback items, by outcome (joined, unknown, expired, duplicate, invalid); "
+            "backend is empty for unknown and invalid items.", ("route", "backend", "outcome"))
+        self.feedback_metric = CallbackGauge(
+            "feedback_metric", "The route's feedback metric (accuracy, mae, rmse, mean) over the backend's last "
+            "`monitor.window` joined items.", ("route", "backend", "metric"))
+        self.feedback_segment_metric = CallbackGauge(
+            "feedback_segment_metric", "The feedback metric per segment value (a value of the config's list, or "
+            "other) over its last `monitor.window` joined items.", ("route", "backend", "segment", "value", "metric"))
+        self.feedback_score_mean = CallbackGauge(
+            "feedback_score_mean", "Mean predicted score over the backend's last `monitor.window` captured "
+            "predictions: the confidence signal, known at answer time.", rb)
+        self.feedback_pending = CallbackGauge(
+            "feedback_pending", "Predictions waiting for their feedback.", ("route",))
+        self.feedback_pending_dropped = CallbackCounter(
+            "feedback_pending_dropped_total", "Pending predictions pushed out by feedback.max_pending before "
+            "their feedback came.", ("route",))
+        self.feedback_captures_missed = CallbackCounter(
+            "feedback_captures_missed_total", "Answers whose prediction was not captured, by reason: streamed "
+            "(not read whole), error_status (4xx/5xx), queue_full (the feedback worker fell behind).",
+            ("route", "reason"))
+        self.families += [self.feedback_total, self.feedback_metric, self.feedback_segment_metric,
+                          self.feedback_score_mean, self.feedback_pending, self.feedback_pending_dropped,
+                          self.feedback_captures_missed]
+
         # connection guards (shell/listener.py) and leak watching
         self.client_timeouts = CounterFamily(
             "client_timeouts_total", "Client connections closed for being too slow, by phase (header, write).",

@@ -142,6 +142,8 @@ _SCHEMAS: dict[str, Any] = {
             "rollout_decisions": {"type": "array", "description": "recent rollout decisions (20 per route, newest "
                                                                   "first): route, time, step, canary_weight, "
                                                                   "verdict, action, state, reason"},
+            "feedback": {"description": "per route with feedback and backend: metric, count, score_mean and "
+                                        "per segment value (GET /admin/feedback has the counts)"},
         },
     },
 }
@@ -228,6 +230,29 @@ _paths: dict[str, dict[str, Any]] = {
                     "psi": _NUM_OR_NULL, "n_ref": {"type": "integer"}, "n_cur": {"type": "integer"},
                     "drifted": {"type": ["boolean", "null"]}}}}}}},
             "last_pass_s": _NUM_OR_NULL}}, "drift"), **_ERR}}},
+    "/admin/feedback": {"get": {
+        "summary": "per route and backend: joined, unknown, expired, duplicate counts; the feedback metric over "
+                   "the window, overall and per segment value (too_small under 30 items); the mean predicted score",
+        "responses": {"200": _json({"type": "object", "properties": {
+            "routes": {"type": "array", "items": {"type": "object", "properties": {
+                "route": {"type": "string"}, "path": {"type": "string"},
+                "metric": {"enum": ["accuracy", "mae", "rmse", "mean"]}, "window": {"type": "integer"},
+                "keep_s": {"type": "number"}, "max_pending": {"type": "integer"},
+                "pending": {"type": "integer"}, "pending_dropped": {"type": "integer"},
+                "pending_expired": {"type": "integer"}, "pending_replaced": {"type": "integer"},
+                "outcomes": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "captures_missed": {"type": "object", "additionalProperties": {"type": "integer"},
+                                    "description": "by reason: streamed, error_status, queue_full"},
+                "backends": {"type": "array", "items": {"type": "object", "properties": {
+                    "backend": {"type": "string"}, "count": {"type": "integer"}, "metric": _NUM_OR_NULL,
+                    "score_mean": _NUM_OR_NULL, "score_count": {"type": "integer"},
+                    "outcomes": {"type": "object", "additionalProperties": {"type": "integer"}},
+                    "missing_prediction": {"type": "integer"}, "id_too_long": {"type": "integer"},
+                    "missing_segment": {"type": "object", "additionalProperties": {"type": "integer"}},
+                    "segments": {"type": "array", "items": {"type": "object", "properties": {
+                        "segment": {"type": "string"}, "value": {"type": "string"},
+                        "count": {"type": "integer"}, "metric": _NUM_OR_NULL,
+                        "too_small": {"type": "boolean"}}}}}}}}}}}}, "feedback"), **_ERR}}},
     "/admin/reload": {"post": {
         "summary": "re-read and validate the config file; swap it in when valid",
         "responses": {"200": _json(_ref("ReloadResult"), "reloaded (result ok) or no change (result unchanged)"),

@@ -3,6 +3,8 @@
     admit      load shedding at limits.max_inflight                 -> 503 overloaded
     match      the request target checked once (core/target.py)     -> 400 / 404 (OPTIONS *)
                an Expect other than 100-continue                    -> 417
+               a route's `feedback.path`, before any route: the sidecar's own endpoint,
+               never forwarded (`_feedback`; shell/feedback.py)      -> 200 / 400 / 405 / 413 / 503
                first route by prefix, method, headers               -> 404 / 405
                routes match the target's decoded `path`; every try and mirror sends its
                `forward` (origin-form, raw): the same checked target, never request.raw_path
@@ -16,7 +18,8 @@
                  after `hedge_after` (`_round`)
       backoff    sleep the delay the machine chose, then pick again
       fallback   the route's chain: a backend (one try) or a static response
-    respond    buffered answers whole, streams chunk by chunk (committed: never retried)
+    respond    buffered answers whole, streams chunk by chunk (committed: never retried);
+               a route with `feedback` hands the answer to the feedback worker first
     log        metrics cells and one access log record
 
 Deciding is core/attempts.py's (which try, when, what passes); this module only does: it
@@ -45,7 +48,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar.config.plan import RoutePlan, TryTimeouts
+from sidecar.config.plan import FeedbackPlan, RoutePlan, TryTimeouts
 from sidecar.core.attempts import (
     Attempts,
     Backoff,
@@ -73,6 +76,7 @@ from sidecar.errors import (
     ClientDisconnected,
     ExpectationFailed,
     InternalError,
+    MethodNotAllowed,
     NoBackendAvailable,
     NoRoute,
     Overloaded,
@@ -82,6 +86,7 @@ from sidecar.errors import (
     UpstreamTimeout,
 )
 from sidecar.shell.backend import Backend
+from sidecar.shell.feedback import BadFeedback
 from sidecar.shell.listener import WATCH_UNSENT_BYTES, GuardedHandler
 from sidecar.shell.metrics import Cell, HistCell, Metrics
 from sidecar.shell.mirror import MirrorTicket
@@ -102,6 +107,7 @@ DROP_REQUEST: Final = HOP_BY_HOP | {"host", "content-length", "expect", "x-forwa
                                     "x-forwarded-proto", "x-forwarded-host", "x-request-id"}
 DROP_RESPONSE: Final = HOP_BY_HOP | {"content-length"}
 NO_ROUTE: Final = "(no_route)"
+FEEDBACK_ROUTE: Final = "(feedback)"   # the route label of feedback POSTs (metrics, access log)
 CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 NO_BACKEND: Final = ""
 LOG_EVERY_S: Final = 10.0
@@ -147,8 +153,8 @@ class Exchange:
     """
 
     __slots__ = ("attempts", "backend", "body", "buffer_limit", "bytes_in", "bytes_out", "continued", "deadline",
-                 "draw", "endpoints", "error", "headers", "mirror", "outcome", "request", "request_id", "results",
-                 "route", "rs", "rt", "steps", "t0", "target", "ttfb_s", "upstream_s")
+                 "draw", "endpoints", "error", "feedback", "headers", "mirror", "outcome", "request", "request_id",
+                 "results", "route", "rs", "rt", "steps", "t0", "target", "ttfb_s", "upstream_s")
 
     def __init__(self, request: web.BaseRequest, rt: Runtime, request_id: str, t0: float) -> None:
         self.request = request
@@ -159,6 +165,7 @@ class Exchange:
         # the checked request target (match phase); still None after it: refused (or shed)
         self.target: Target | None = None
         self.continued = False  # "100 Continue" was sent: the client now sends its body
+        self.feedback = False   # a feedback POST (`feedback.path`), answered by the sidecar itself
         self.rs: RouteState                          # the route's live state (match)
         self.body = b""                              # read whole (read); retries and mirrors share it
         self.headers: list[tuple[str, str]]          # as sent upstream (read)
@@ -284,6 +291,7 @@ class Proxy:
         self.metrics = services.metrics
         self.mirrors = services.mirrors
         self.monitor = services.monitor
+        self.feedback = services.feedback
         self.rollouts = services.rollouts
         self.access_log = services.access_log
         self.inflight = 0
@@ -359,6 +367,8 @@ class Proxy:
             raise (NoRoute if e.status_hint == 404 else BadRequest)(e.reason) from None
         ex.target = target
         expect_continue = _expects_continue(request)
+        if rt.plan.feedback_by_path and (fb := rt.plan.feedback_by_path.get(target.path)) is not None:
+            return await self._feedback(ex, fb, expect_continue)
         route = ex.route = rt.plan.match(request.method, target.path, request.headers)
         # the route's backends get `target.forward`, which a backend's decoding reads as
         # `target.path` (core/target.py): never a path outside the prefix that matched
@@ -377,6 +387,8 @@ class Proxy:
             ex.draw = draw
             if route.monitor.needs_response:
                 ex.buffer_limit = max(rt.plan.limits.max_body_bytes, rt.plan.limits.buffer_response_bytes)
+        if route.feedback is not None:  # every answer's prediction is captured (docs/feedback.md)
+            ex.buffer_limit = max(ex.buffer_limit or 0, rt.plan.limits.max_body_bytes)
         if ex.mirror is None:
             return await self._forward(ex, route)
         try:
@@ -708,6 +720,15 @@ class Proxy:
             ex.mirror = None
         if ex.draw is not None and ex.route is not None:  # sampled: parsed by the monitor, off the loop
             self.monitor.offer(ex.route, ex.backend, ex.request_id, ex.body, answer.status, answer.body, ex.draw)
+        if ex.route is not None and (fb := ex.route.feedback) is not None:
+            # before the answer goes out: the capture is offered before the client can post
+            # feedback for this id (shell/feedback.py, the ordering invariant)
+            if answer.body is None:
+                self.feedback.miss(fb.route, "streamed")
+            elif answer.status >= 400:
+                self.feedback.miss(fb.route, "error_status")
+            else:
+                self.feedback.offer(fb, ex.backend, ex.request_id, ex.body, answer.body)
         if answer.body is not None:
             ex.bytes_out = len(answer.body)
             if request.method == "HEAD":  # the backend's Content-Length describes the GET
@@ -759,9 +780,29 @@ class Proxy:
             answer.close()  # no-op when the stream ended normally
         return resp
 
+    async def _feedback(self, ex: Exchange, fb: FeedbackPlan, expect_continue: bool) -> web.StreamResponse:
+        """`POST {feedback.path}` (docs/feedback.md#posting-feedback): joined on the feedback
+        worker, answered per item; never forwarded."""
+        request = ex.request
+        ex.feedback = True
+        if request.method != "POST":
+            raise MethodNotAllowed(f"{fb.path} takes POST (feedback)", allow=["POST"])
+        if not self.feedback.would_accept_join():
+            raise Overloaded("too many feedback posts being joined")
+        body = ex.body = await self._read_body(request, ex.rt, ex, expect_continue)
+        ex.bytes_in = len(body)
+        try:
+            doc = await self.feedback.join(fb, body)
+        except BadFeedback as e:
+            raise BadRequest(str(e)) from None
+        out = orjson.dumps(doc)
+        ex.bytes_out = len(out)
+        return web.Response(status=200, body=out, headers={"content-type": "application/json",
+                                                            "x-request-id": ex.request_id})
+
     def _finish(self, request: web.BaseRequest, resp: web.StreamResponse, ex: Exchange, rt: Runtime,
                 now: float) -> web.StreamResponse:
-        route = ex.route.name if ex.route else NO_ROUTE
+        route = ex.route.name if ex.route else FEEDBACK_ROUTE if ex.feedback else NO_ROUTE
         cells = self.cells(route, ex.backend)
         cells.code(resp.status).value += 1
         duration = now - ex.t0

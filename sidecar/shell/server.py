@@ -88,7 +88,7 @@ class Sidecar:
         self.reloader = Reloader(self, self.services.metrics, poll_s=config_poll_s)
         # each capability adds one callable: () -> {"mirrors": ...}, or (backend) -> {"circuit": ...}
         self.status_providers: list[StatusProvider] = [self._mirror_status, self._drift_status,
-                                                       self._rollout_status]
+                                                       self._feedback_status, self._rollout_status]
 
     def _mirror_status(self) -> dict[str, Any]:
         """Mirrors in /admin/status: one row per (route, shadow); disagreements stay in /admin/mirrors."""
@@ -107,6 +107,10 @@ class Sidecar:
                 for name, ro in self.services.rollouts.by_route.items()
                 for d in reversed(ro.state.decisions[-ROLLOUT_DECISIONS_SHOWN:])]
         return {"rollout_decisions": rows}
+
+    def _feedback_status(self) -> dict[str, Any]:
+        """Feedback in /admin/status: per route and backend, the metric, count, score mean, segments."""
+        return {"feedback": self.services.feedback.status_rows()}
 
     @property
     def runtime(self) -> Runtime:

@@ -9,6 +9,7 @@ the one owner) and handed to whoever uses it (the proxy, the admin API, the relo
     mirrors      shadow tasks, their cap and statistics (shell/mirror.py)
     monitor      latency windows, payload sampling, drift, sample logs (shell/monitor.py)
     overrides    runtime weight overrides and their file (shell/state.py)
+    feedback     the feedback trackers, their worker thread and snapshots (shell/feedback.py)
     notifier     rollout webhooks (shell/notify.py)
     rollouts     the rollout driver: state, judging, its file (shell/rollout_driver.py)
 
@@ -24,7 +25,7 @@ Their lifecycle, each step in one place:
 A capability that must outlive a reload (the rollout driver, fleet membership, notifications)
 becomes a field here and joins these steps; everything else reaches it as `services.<name>`.
 
-Imports: stdlib, sidecar.config, sidecar.shell (accesslog, metrics, mirror, monitor, notify,
+Imports: stdlib, sidecar.config, sidecar.shell (accesslog, feedback, metrics, mirror, monitor, notify,
 rollout_driver, runtime, state).
 """
 
@@ -36,6 +37,7 @@ from typing import Any
 
 from sidecar.config.plan import Plan
 from sidecar.shell.accesslog import AccessLog
+from sidecar.shell.feedback import Feedback
 from sidecar.shell.metrics import Metrics, loop_task_samples
 from sidecar.shell.mirror import Mirrors
 from sidecar.shell.monitor import Monitor
@@ -54,6 +56,8 @@ class Services:
         self.access_log = AccessLog(self.metrics.access_log_dropped.labels(), access_log_fd)
         self.mirrors = Mirrors(self.metrics, rng)
         self.monitor = Monitor(rng)
+        # `services.feedback.mark(route)` / `.since(route, mark)`: a rollout step's feedback
+        self.feedback = Feedback()
         # state_dir is read once, at start (a reload that changes it warns: shell/reload.py)
         self.overrides = Overrides(resolve_state_dir(plan.config.state_dir, config_path))
         self.notifier = Notifier(self.metrics)
@@ -63,6 +67,7 @@ class Services:
     def _follow(self, plan: Plan) -> None:
         self.mirrors.retain(plan)      # statistics of unchanged (route, shadow) pairs stay
         self.monitor.apply(plan)       # windows whose config did not change stay
+        self.feedback.apply(plan)      # trackers whose FeedbackPlan.fingerprint did not change stay
 
     def adopt(self, runtime: Runtime) -> list[str]:
         """`runtime` is about to serve (a reload). Sync, so that no request or admin call sees
@@ -74,7 +79,7 @@ class Services:
 
     def tasks(self) -> dict[str, Coroutine[Any, Any, None]]:
         """The background loops, by task name; each runs until cancelled."""
-        return {"access-log": self.access_log.run(), "monitor": self.monitor.run(),
+        return {"access-log": self.access_log.run(), "monitor": self.monitor.run(), "feedback": self.feedback.run(),
                 "rollouts": self.rollouts.run(), "notify": self.notifier.run()}
 
     def bind_gauges(self, live: Callable[[], Runtime]) -> None:
@@ -82,7 +87,7 @@ class Services:
 
         `live()` is the runtime serving at that moment, so a reload rebinds nothing.
         """
-        m, monitor, mirrors = self.metrics, self.monitor, self.mirrors
+        m, monitor, mirrors, feedback = self.metrics, self.monitor, self.mirrors, self.feedback
         # the running config's backends and routes
         m.inflight.read = lambda: live().inflight_samples()
         m.route_weight.read = lambda: live().weight_samples()
@@ -108,5 +113,13 @@ class Services:
         m.sample_log_dropped.read = monitor.sample_log_dropped_samples
         m.sample_log_queue_bytes.read = monitor.sample_log_queue_bytes_samples
         m.sample_log_errors.read = monitor.sample_log_error_samples
+        # feedback: the worker's published snapshots (shell/feedback.py)
+        m.feedback_total.read = feedback.total_samples
+        m.feedback_metric.read = feedback.metric_samples
+        m.feedback_segment_metric.read = feedback.segment_metric_samples
+        m.feedback_score_mean.read = feedback.score_mean_samples
+        m.feedback_pending.read = feedback.pending_samples
+        m.feedback_pending_dropped.read = feedback.pending_dropped_samples
+        m.feedback_captures_missed.read = feedback.missed_samples
         # the process
         m.event_loop_tasks.read = loop_task_samples

@@ -54,12 +54,20 @@ def plan_of(cfg: dict[str, Any]) -> Plan:
 
 @pytest.fixture
 def served(monkeypatch: pytest.MonkeyPatch) -> None:
-    """As the config will be once the shell serves feedback."""
+    """As the config is now that the shell serves feedback (shell/feedback.py)."""
     monkeypatch.setattr(model, "FEEDBACK_SERVED", True)
 
 
-def test_refused_while_the_shell_does_not_serve_it():
-    """Until the proxy captures predictions, a feedback section is refused rather than accepted without effect."""
+def test_the_shell_serves_it():
+    """The shell serves feedback, so the section is accepted."""
+    assert model.FEEDBACK_SERVED is True
+    assert plan_of(BASE).routes[0].feedback is not None
+
+
+def test_refused_by_a_version_that_does_not_serve_it(monkeypatch: pytest.MonkeyPatch):
+    """Were the shell not to serve feedback, a feedback section would be refused rather than accepted
+    without effect."""
+    monkeypatch.setattr(model, "FEEDBACK_SERVED", False)
     assert errors_of(BASE) == [
         "routes[0].feedback: not served by this version yet (docs/feedback.md#status): the section would have "
         "no effect, so it is refused; remove it"]

@@ -59,6 +59,10 @@ async def test_overload_sheds_keeps_admitted_latency_and_recovers(upstreams, mak
                              "backends": {"m": {"url": up.url, "max_connections": 256}},
                              "routes": [{"name": "r", "split": {"m": 1}}]})
     url = sc.proxy_url + "/v1/models/m:predict"
+    # the yardstick: p99 at 1x (half of max_inflight, nothing shed), on this machine right now
+    counts, admitted, _ = await burst(url, MAX_INFLIGHT // 2, 8)
+    assert set(counts) == {(200, "backend")}, counts
+    baseline = p99(admitted)
     p99s: dict[int, float] = {}
     for factor in (2, 6):
         counts, admitted, retry_after = await burst(url, MAX_INFLIGHT * factor, 8)
@@ -68,10 +72,12 @@ async def test_overload_sheds_keeps_admitted_latency_and_recovers(upstreams, mak
         assert up.in_flight <= MAX_INFLIGHT
         p99s[factor] = p99(admitted)
     # The backend never sees more than max_inflight (above); admitted latency stays within a
-    # small factor of the backend's 50 ms. NOTE: clients, backend and sidecar share this test's
-    # one event loop, so these bounds are loose: the long run (reliability/overload.py, a real
-    # process under wrk) gives the figures.
-    assert max(p99s.values()) < 20 * UPSTREAM_S, p99s
+    # small factor of the backend's 50 ms, or of the 1x run's p99 when the machine is busy.
+    # NOTE: clients, backend and sidecar share this test's one event loop: at 6x its 96 clients
+    # are most of the loop's work, which a busy machine stretches more than the 1x run, so
+    # these bounds only catch gross queueing (seconds); the long run (reliability/overload.py,
+    # a real process under wrk) gives the figures.
+    assert max(p99s.values()) < max(20 * UPSTREAM_S, 20 * baseline), (p99s, baseline)
     t0 = time.perf_counter()
     async with client.post(url, data=b"{}") as r:
         assert r.status == 200

@@ -21,6 +21,7 @@ import secrets
 import orjson
 
 from reliability.common import metric
+from sidecar.core.feedback import JoinOutcome
 from sidecar.core.outcome import Outcome
 from sidecar.core.retry import NoRetry
 from sidecar.core.rollout import DecisionVerdict
@@ -55,7 +56,9 @@ async def test_no_request_data_in_metric_labels(upstreams, make_sidecar: MakeSid
                                                                                             "every": "100ms"},
                                 "features": {"f": {"from": "request", "path": "$.x"}}},
                     "rollout": {"canary": "canary", "baseline": "stable", "steps": [50, 100], "interval": "1h",
-                                "notify": {"webhook": u.refused_url(), "timeout": "100ms"}}},
+                                "notify": {"webhook": u.refused_url(), "timeout": "100ms"}},
+                    "feedback": {"path": "/fb", "prediction": {"path": "$.predictions[0]", "threshold": 0.5},
+                                 "segments": {"seg": {"from": "request", "path": "$.seg", "values": ["a", "b"]}}}},
                    {"name": "down", "match": {"path_prefix": "/down"}, "split": {"down": 1},
                     "fallback": [{"response": {"status": 200, "json": {"fallback": True}}}]}]})
     sent: list[str] = []
@@ -66,19 +69,26 @@ async def test_no_request_data_in_metric_labels(upstreams, make_sidecar: MakeSid
         headers = {"x-user-id": t[2], "x-backend": t[3] if i % 2 else "canary", "x-request-id": t[4],
                    f"x-{t[5]}": t[6], "traceparent": f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"}
         method = "POST" if i % 5 else "PUT"
-        body = orjson.dumps({"x": i, t[5]: t[6]})
+        body = orjson.dumps({"x": i, t[5]: t[6], "seg": t[6] if i % 4 else "a"})
         async with client.request(method, sc.proxy_url + path, data=body, headers=headers) as r:
+            await r.read()
+        # feedback for this id (joined or not) and for made-up ids, with made-up labels
+        feedback = [{"request_id": t[4], "label": t[5] if i % 2 else 1}, {"request_id": t[0], "label": t[1]}]
+        async with client.post(sc.proxy_url + "/fb", data=orjson.dumps(feedback)) as r:
             await r.read()
     async with client.get(sc.admin_url + "/metrics") as r:
         text = await r.text()
-    assert {"endpoint", "outcome", "reason", "kind"} <= set(re.findall(r'(\w+)="', text))
+    assert {"endpoint", "outcome", "reason", "kind", "segment", "value", "metric"} <= set(re.findall(r'(\w+)="', text))
     assert "leak" not in text, [line for line in text.splitlines() if "leak" in line][:5]
     # every label value comes from the config or a fixed enumeration (a new label name must be added here)
-    allowed = {"route": {"r", "down", "(no_route)"},
+    allowed = {"route": {"r", "down", "(no_route)", "(feedback)"},
                "backend": {"stable", "canary", "shadow", "down", "fallback:response", ""},
-               "reason": {"max_inflight", "max_connections", *map(str, NoRetry), *DROP_REASONS},
+               "reason": {"max_inflight", "max_connections", *map(str, NoRetry), *DROP_REASONS,
+                          "streamed", "error_status", "queue_full"},
                "phase": {"header", "write"},
-               "outcome": set(map(str, Outcome)) | set(map(str, MirrorOutcome)), "kind": {"backend", "response"},
+               "outcome": set(map(str, Outcome)) | set(map(str, MirrorOutcome)) | set(map(str, JoinOutcome)),
+               "kind": {"backend", "response"}, "segment": {"seg"}, "value": {"a", "b", "other"},
+               "metric": {"accuracy"},
                "result": {"ok", "unchanged", "error"}, "quantile": {"0.5", "0.95", "0.99"},
                "feature": {"f"}, "test": {"ks", "chi2"}, "endpoint": {"0", "1"},
                "state": set(map(str, RolloutStateName)), "verdict": set(map(str, DecisionVerdict))}

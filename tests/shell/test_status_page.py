@@ -102,3 +102,23 @@ async def test_page_asks_for_the_token(upstreams, make_sidecar: MakeSidecar, tmp
     dom = await render(sc.admin_url + "/", tmp_path / "profile")
     assert '<form id="auth" style="display: block;">' in dom
     assert 'data-backend="stable"' not in dom
+
+
+async def test_page_shows_feedback_beside_drift(upstreams, make_sidecar: MakeSidecar, client, tmp_path):
+    """A route with feedback shows a feedback table: per backend the metric, its count, the score
+    mean, and the segment values flagged too small."""
+    up = await upstreams.start(u.answer({"predictions": [0.75]}), name="stable")
+    sc = await make_sidecar({"backends": {"stable": {"url": up.url}}, "routes": [{
+        "name": "fraud", "match": {"path_prefix": "/v1/models/fraud"}, "split": {"stable": 1},
+        "feedback": {"path": "/v1/feedback", "prediction": {"path": "$.predictions[0]", "threshold": 0.5},
+                     "segments": {"country": {"from": "request", "path": "$.country", "values": ["US"]}}}}]})
+    async with client.post(sc.proxy_url + "/v1/models/fraud:predict", json={"country": "US"}) as r:
+        rid = r.headers["x-request-id"]
+    async with client.post(sc.proxy_url + "/v1/feedback", json={"request_id": rid, "label": 1}) as r:
+        assert (await r.json())["counts"]["joined"] == 1
+    dom = await render(sc.admin_url + "/", tmp_path / "profile")
+    m = re.search(r'<section id="section-feedback">(.*?)</section>', dom, re.S)
+    assert m, "no feedback section on the page"
+    section = m.group(1)
+    assert "score_mean" in section and "0.75" in section and "accuracy" in section
+    assert "too_small" in section and ">US<" in section
