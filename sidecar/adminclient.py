@@ -101,3 +101,10 @@ class AdminClient:
 
     def clear_weights(self, route: str) -> Any:
         return self.request("DELETE", f"/admin/routes/{urllib.parse.quote(route, safe='')}/weights")
+
+    def rollout(self, route: str) -> Any:
+        return self.request("GET", f"/admin/routes/{urllib.parse.quote(route, safe='')}/rollout")
+
+    def rollout_action(self, route: str, action: str) -> Any:
+        return self.request("POST", f"/admin/routes/{urllib.parse.quote(route, safe='')}/rollout/"
+                                    f"{urllib.parse.quote(action, safe='')}")

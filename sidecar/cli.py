@@ -1,4 +1,4 @@
-"""The `sidecar` command: run, validate, schema, demo; status, reload, weights (docs/reference/cli.md).
+"""The `sidecar` command: run, validate, schema, demo; status, reload, weights, rollout (docs/reference/cli.md).
 
 Exit codes: 0 success; 1 an invalid config, a drain that had to cut requests, or an admin
 call the sidecar refused (4xx/5xx: rejected reload, unknown route, bad weights, no token);
@@ -20,6 +20,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -88,6 +89,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for r in cfg.routes:
         split = ", ".join(f"{b}={w:g}" for b, w in r.split.items())
         print(f"  route {r.name}: {r.match.path_prefix} -> {split}")
+        if (ro := r.rollout) is not None:
+            print(f"    rollout {ro.canary} vs {ro.baseline}: steps {ro.steps} every {ro.interval:g}s"
+                  + (" (dry run)" if ro.dry_run else ""))
         if r.feedback is not None:
             print(f"    feedback: POST {r.feedback.path} ({r.feedback.metric}, keep {r.feedback.keep:g}s, "
                   f"max_pending {r.feedback.max_pending})")
@@ -303,6 +307,46 @@ def cmd_weights(args: argparse.Namespace) -> int:
     return code
 
 
+ROLLOUT_ACTIONS = ("status", "pause", "resume", "promote", "rollback", "restart")
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def format_rollout(doc: dict[str, Any]) -> str:
+    """A rollout, readably: state, step, weights, and the last decision with each gate."""
+    steps = doc["steps"]
+    weights = ", ".join(f"{b}={w}" for b, w in doc["weights"].items())
+    lines = [f"route {doc['route']}: rollout {doc['state']}" + (" [dry run]" if doc["dry_run"] else ""),
+             f"  step      {doc['step']} of {len(steps)} ({steps[doc['step']]}%), steps {steps}",
+             f"  weights   {weights}"]
+    if doc.get("would_weights"):
+        lines.append("  would set " + ", ".join(f"{b}={w}" for b, w in doc["would_weights"].items()))
+    if doc["reason"]:
+        lines.append(f"  reason    {doc['reason']}")
+    lines.append(f"  actions   {', '.join(doc['actions'])}")
+    decisions = doc.get("decisions") or []
+    if decisions:
+        d = decisions[-1]
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(d["time"]))
+        lines.append(f"  last decision ({when} UTC): {d['verdict']} -> {d['action']}: {d['reason']}")
+        if d["gates"]:
+            rows = [[g["gate"], _num(g["value"]), _num(g["threshold"]), g["verdict"], g["reason"]] for g in d["gates"]]
+            lines += ["    " + line for line in _table(["gate", "value", "threshold", "verdict", "reason"], rows)]
+    return "\n".join(lines)
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    if args.action == "status":
+        code, doc = _admin_call(args, lambda c: c.rollout(args.route))
+    else:
+        code, doc = _admin_call(args, lambda c: c.rollout_action(args.route, args.action))
+    if code == 0:
+        print(format_rollout(doc))
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sidecar", description="A traffic manager for ML model servers.")
     p.add_argument("--version", action="version", version=f"model-sidecar {__version__}")
@@ -353,6 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("weights", nargs="*", metavar="BACKEND=WEIGHT", help="new weights; backends not named keep theirs")
     wt.add_argument("--clear", action="store_true", help="drop the override: back to the configured weights")
     wt.set_defaults(func=cmd_weights)
+
+    ro = sub.add_parser("rollout", parents=[client],
+                        help="show or steer a route's rollout, e.g. `rollout fraud pause`")
+    ro.add_argument("route", help="a route name from the config")
+    ro.add_argument("action", nargs="?", default="status", choices=ROLLOUT_ACTIONS,
+                    help="status (default), pause, resume, promote, rollback or restart")
+    ro.set_defaults(func=cmd_rollout)
     return p
 
 

@@ -103,3 +103,22 @@ def test_usage_error_exits_2(capfd):
     with pytest.raises(SystemExit) as e:
         main(["weights"])
     assert e.value.code == 2
+
+
+async def test_rollout_status_and_actions(upstreams, make_sidecar: MakeSidecar, capfd):
+    """`sidecar rollout` shows the state, step and weights, steers the rollout, and exits 1 on a conflict."""
+    up = await upstreams.start()
+    cfg = fraud(up.url, up.url)
+    cfg["routes"][0]["rollout"] = {"canary": "canary", "baseline": "stable", "steps": [10, 100], "interval": "1h"}
+    sc = await make_sidecar(cfg)
+    assert await run_cli("rollout", "fraud", "--admin", sc.admin_url) == 0
+    out = capfd.readouterr().out
+    assert "rollout progressing" in out and "step      0 of 2 (10%)" in out and "canary=10, stable=90" in out
+    assert await run_cli("rollout", "fraud", "resume", "--admin", sc.admin_url) == 1
+    assert "cannot resume a rollout that is progressing" in capfd.readouterr().err
+    assert await run_cli("rollout", "fraud", "rollback", "--admin", sc.admin_url) == 0
+    out = capfd.readouterr().out
+    assert "rollout rolled_back" in out and "manual -> rollback: rolled back by admin" in out
+    with pytest.raises(SystemExit) as e:
+        await run_cli("rollout", "fraud", "jump", "--admin", sc.admin_url)
+    assert e.value.code == 2

@@ -18,6 +18,7 @@ Imports: stdlib, pydantic, sidecar.core.jsonpath, sidecar.errors.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import types
@@ -515,6 +516,82 @@ class FallbackConfig(_Model):
     response: StaticResponseConfig | None = Field(default=None, description="a static answer")
 
 
+# --- rollout (progressive delivery; docs/rollout.md) -----------------------------------------
+
+# NOTE: gates whose step data the rollout driver (shell/rollout_driver.py) does not fill yet
+# are refused with this explanation rather than accepted without effect.
+ROLLOUT_GATES_NOT_SERVED: Final = {
+    "no_drift": "docs/rollout.md#gates-not-served-yet",
+    "min_agreement": "docs/rollout.md#gates-not-served-yet",
+    "min_feedback": "docs/rollout.md#gates-not-served-yet",
+    "max_feedback_drop": "docs/rollout.md#gates-not-served-yet",
+    "max_segment_drop": "docs/rollout.md#gates-not-served-yet",
+}
+
+
+class RolloutCompareConfig(_Model):
+    latency: Literal["mann_whitney"] | None = Field(
+        default=None, description="mann_whitney: fail when the canary's latencies are larger than the "
+                                  "baseline's at `alpha` (one-sided)")
+    errors: Literal["two_proportion", "sequential"] | None = Field(
+        default=None, description="two_proportion: fail when the canary's error rate is higher at `alpha`; "
+                                  "sequential: an always-valid test judged every second")
+    alpha: Annotated[float, Field(gt=0, lt=1)] = Field(default=0.01, description="significance level, in (0, 1)")
+
+
+class RolloutGatesConfig(_Model):
+    max_error_rate: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        default=None, description="the canary's failed tries over its tries in the step, at most this")
+    max_p99: Seconds | None = Field(default=None, description="the canary's p99 latency in the step, at most this")
+    max_p99_ratio: Annotated[float, Field(ge=0)] | None = Field(
+        default=None, description="canary p99 / baseline p99 in the step, at most this")
+    no_drift: list[str] | None = Field(
+        default=None, description="features whose canary-vs-baseline drift fails the step (not served yet)")
+    min_agreement: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        default=None, description="shadow agreement over the step, at least this (not served yet)")
+    min_feedback: float | None = Field(
+        default=None, description="floor (accuracy, mean) or ceiling (mae, rmse) of the feedback metric "
+                                  "(not served yet)")
+    max_feedback_drop: Annotated[float, Field(ge=0)] | None = Field(
+        default=None, description="canary's feedback metric vs the baseline's (not served yet)")
+    max_segment_drop: Annotated[float, Field(ge=0)] | None = Field(
+        default=None, description="the same within any one feedback segment (not served yet)")
+    compare: RolloutCompareConfig | None = Field(
+        default=None, description="relative gates that fail only when the canary is worse with significance")
+
+
+class RolloutNotifyConfig(_Model):
+    webhook: BackendUrl = Field(description="URL that receives one JSON POST per rollout event")
+    headers: dict[HeaderName, str] = Field(default_factory=dict, description="extra request headers, e.g. "
+                                                                            "Authorization")
+    timeout: Seconds = Field(default=2.0, description="per try; up to 3 tries with backoff")
+
+
+class RolloutRegistryConfig(_Model):
+    promote_alias: str = Field(description="on promotion, move this registry alias to the canary's model "
+                                           "version (not served yet)")
+
+
+class RolloutConfig(_Model):
+    canary: str = Field(description="the backend being rolled out; in the route's split")
+    baseline: str = Field(description="the backend it is compared with and takes traffic from; in the split")
+    steps: list[Annotated[int, Field(gt=0, le=100)]] = Field(
+        min_length=1, description="canary weight per step, strictly increasing, each in 1-100")
+    interval: Seconds = Field(default=60.0, description="time per step before judging (and between judgements)")
+    min_requests: Annotated[int, Field(ge=0)] = Field(
+        default=200, description="canary requests needed in a step before any gate is judged")
+    gates: RolloutGatesConfig = Field(default_factory=RolloutGatesConfig, description="what fails a step")
+    progress_deadline: Seconds | None = Field(
+        default=None, description="a step inconclusive this long pauses the rollout with the reason")
+    bake: DelaySeconds = Field(default=0.0, description="at the last step, keep judging this long before "
+                                                       "promoting; 0: no bake")
+    dry_run: bool = Field(default=False, description="judge and report every step, change no weight")
+    on_failure: Literal["rollback", "pause"] = Field(default="rollback", description="what a failed step does")
+    notify: RolloutNotifyConfig | None = Field(default=None, description="a webhook told of every transition")
+    registry: RolloutRegistryConfig | None = Field(
+        default=None, description="move a model registry alias on promotion (not served yet)")
+
+
 class RouteConfig(_Model):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", min_length=1, max_length=64)] = Field(
         description="unique; used in metric labels and the admin API")
@@ -533,6 +610,8 @@ class RouteConfig(_Model):
         default_factory=list, description="tried in order when the split cannot produce a good answer")
     feedback: FeedbackConfig | None = Field(
         default=None, description="ground truth posted later, joined to predictions by request id")
+    rollout: RolloutConfig | None = Field(
+        default=None, description="automated progressive delivery of a canary (docs/rollout.md)")
 
 
 class Config(_Model):
@@ -659,6 +738,7 @@ def reference_issues(doc: Config | Mapping[str, Any]) -> list[ConfigIssue]:
                 issues.append(ConfigIssue(f"{place}.mirror[{j}].backend", f"backend {shadow!r} is mirrored twice"))
         issues.extend(_monitor_issues(place, route, log_paths))
         issues.extend(_feedback_issues(place, route, feedback_paths))
+        issues.extend(_rollout_issues(place, route))
         fallback = _items(_get(route, "fallback"))
         for j, item in enumerate(fallback):
             if not _is_node(item):
@@ -671,6 +751,39 @@ def reference_issues(doc: Config | Mapping[str, Any]) -> list[ConfigIssue]:
                 issues.append(ConfigIssue(f"{where}.backend", f"unknown backend {backend!r} (known: {known_text})"))
             elif response is not None and j != len(fallback) - 1:
                 issues.append(ConfigIssue(where, "a static `response` always answers: put it last"))
+    return issues
+
+
+def _rollout_issues(place: str, route: Any) -> list[ConfigIssue]:
+    """Canary and baseline in the split and different; steps strictly increasing; gates the
+    driver does not serve yet refused; sequential needs no other error comparison."""
+    ro = _get(route, "rollout")
+    if not _is_node(ro):
+        return []
+    where = f"{place}.rollout"
+    issues: list[ConfigIssue] = []
+    split = _get(route, "split")
+    names = _names(split)
+    canary, baseline = _get(ro, "canary"), _get(ro, "baseline")
+    for key, b in (("canary", canary), ("baseline", baseline)):
+        if isinstance(b, str) and isinstance(split, Mapping) and b not in split:
+            issues.append(ConfigIssue(f"{where}.{key}", f"backend {b!r} is not in the route's split "
+                                                         f"(split: {', '.join(names)})"))
+    if isinstance(canary, str) and canary == baseline:
+        issues.append(ConfigIssue(f"{where}.baseline", f"must differ from the canary ({canary!r})"))
+    steps = _get(ro, "steps")
+    if isinstance(steps, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in steps) \
+            and any(a >= b for a, b in itertools.pairwise(steps)):
+        issues.append(ConfigIssue(f"{where}.steps", f"must be strictly increasing, got {steps}"))
+    gates = _get(ro, "gates")
+    if _is_node(gates):
+        for key, anchor in ROLLOUT_GATES_NOT_SERVED.items():
+            if _get(gates, key) is not None:
+                issues.append(ConfigIssue(f"{where}.gates.{key}", f"not served yet ({anchor}): the gate would "
+                                                                  "have no data, so it is refused; remove it"))
+    if _get(ro, "registry") is not None:
+        issues.append(ConfigIssue(f"{where}.registry", "not served yet (docs/rollout.md#gates-not-served-yet): "
+                                                       "no model registry is wired in; remove it"))
     return issues
 
 

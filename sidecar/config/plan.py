@@ -25,6 +25,7 @@ from sidecar.config.model import (
     LimitsConfig,
     MonitorConfig,
     RetryConfig,
+    RolloutConfig,
     RouteConfig,
     split_listen,
 )
@@ -33,8 +34,10 @@ from sidecar.core.balance import Balance, OutlierPolicy
 from sidecar.core.breaker import BreakerPolicy
 from sidecar.core.drift import DriftPolicy
 from sidecar.core.feedback import DEFAULT_WINDOW, FeedbackPolicy, Metric, SegmentPolicy
+from sidecar.core.gates import CompareErrors, CompareLatency, GatePolicy
 from sidecar.core.jsonpath import JsonPath, compile_path
 from sidecar.core.retry import RetryPolicy
+from sidecar.core.rollout import OnFailure, RolloutPolicy, config_key
 from sidecar.core.split import Split
 from sidecar.core.window import as_category
 from sidecar.errors import MethodNotAllowed, NoRoute
@@ -346,6 +349,49 @@ def _retry_policy(cfg: RouteConfig) -> RetryPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class NotifyPlan:
+    webhook: str
+    headers: tuple[tuple[str, str], ...]
+    timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutPlan:
+    """`routes[].rollout`, compiled into the core's policies (docs/rollout.md#configuration-keys).
+
+    `policy.key` is the rollout's identity: a hash of the rollout section (notify aside: a
+    new webhook address is not a new rollout) and of the canary's and baseline's backend
+    fingerprints. A reload with the same key keeps the rollout; another key starts it anew.
+    """
+
+    policy: RolloutPolicy
+    notify: NotifyPlan | None
+
+    @classmethod
+    def build(cls, cfg: RolloutConfig, backends: Mapping[str, BackendPlan]) -> RolloutPlan:
+        g = cfg.gates
+        cmp = g.compare
+        gates = GatePolicy(
+            min_requests=cfg.min_requests,
+            max_error_rate=g.max_error_rate,
+            max_p99_s=g.max_p99,
+            max_p99_ratio=g.max_p99_ratio,
+            compare_latency=CompareLatency(cmp.latency) if cmp is not None and cmp.latency else None,
+            compare_errors=CompareErrors(cmp.errors) if cmp is not None and cmp.errors else None,
+            alpha=cmp.alpha if cmp is not None else 0.01,
+        )
+        key = config_key(cfg.model_dump(mode="json", exclude={"notify"}),
+                         backends[cfg.canary].fingerprint, backends[cfg.baseline].fingerprint)
+        policy = RolloutPolicy(
+            key=key, canary=cfg.canary, baseline=cfg.baseline, steps=tuple(cfg.steps), interval_s=cfg.interval,
+            gates=gates, progress_deadline_s=cfg.progress_deadline, bake_s=cfg.bake, dry_run=cfg.dry_run,
+            on_failure=OnFailure(cfg.on_failure))
+        n = cfg.notify
+        notify = NotifyPlan(n.webhook, tuple(n.headers.items()), n.timeout) if n is not None else None
+        return cls(policy, notify)
+
+
+@dataclass(frozen=True, slots=True)
 class RoutePlan:
     name: str
     path_prefix: str
@@ -365,6 +411,7 @@ class RoutePlan:
     mirrors: tuple[MirrorPlan, ...] = ()   # shadows, in config order
     monitor: MonitorPlan | None = None
     feedback: FeedbackPlan | None = None
+    rollout: RolloutPlan | None = None
 
     @classmethod
     def build(cls, cfg: RouteConfig, backends: Mapping[str, BackendPlan],
@@ -409,6 +456,7 @@ class RoutePlan:
             # the rolling metrics cover `monitor.window` joined items (docs/feedback.md#metrics)
             feedback=FeedbackPlan.build(cfg.name, cfg.feedback, cfg.monitor.window if cfg.monitor is not None
                                         else DEFAULT_WINDOW) if cfg.feedback is not None else None,
+            rollout=RolloutPlan.build(cfg.rollout, backends) if cfg.rollout is not None else None,
         )
 
     def backend_index(self, name: str) -> int | None:

@@ -9,6 +9,9 @@
     POST   /admin/reload                     reload the file now: 200 + version, or 400 + errors
     PUT    /admin/routes/{route}/weights     runtime weight override (partial body)
     DELETE /admin/routes/{route}/weights     drop the override: back to the config's weights
+                                             (both 409 while the route's rollout steers its weights)
+    GET    /admin/routes/{route}/rollout     the rollout: state, step, weights, decisions
+    POST   /admin/routes/{route}/rollout/{action}  pause, resume, promote, rollback, restart (409: not allowed)
     GET    /admin/feedback                   feedback per route, backend and segment value
     GET    /admin/openapi.json               OpenAPI 3.1 of all of the above
 
@@ -72,6 +75,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sidecar import __version__
 from sidecar.config.load import place_of
 from sidecar.config.plan import Plan, RoutePlan
+from sidecar.core.rollout import AdminAction
 from sidecar.shell.openapi import openapi_document
 from sidecar.shell.proxy import Proxy
 from sidecar.shell.reload import Reloader, Result
@@ -305,7 +309,7 @@ def route_status(sidecar: AdminHost, rt: Runtime, route: RoutePlan) -> dict[str,
         "sticky": route.sticky_header,
         "override_header": route.override_header,
         "timeout_s": route.timeout_s,
-        "rollout": None,          # no rollout capability yet (docs/operations.md#rollouts)
+        "rollout": sidecar.services.rollouts.summary_json(route.name),   # None: no rollout
         "fingerprint": route.fingerprint,
     }
 
@@ -435,6 +439,8 @@ async def put_weights(request: web.Request) -> web.Response:
     route = _route_or_404(sidecar, request.match_info["route"])  # again: a reload may have run meanwhile
     if isinstance(route, web.Response):
         return route
+    if (refused := _steered(sidecar, route)) is not None:
+        return refused
     rt = sidecar.proxy.runtime
     try:
         weights = merge_weights(route, sidecar.services.overrides.weights_of(route), body)
@@ -452,11 +458,64 @@ async def delete_weights(request: web.Request) -> web.Response:
     route = _route_or_404(sidecar, request.match_info["route"])
     if isinstance(route, web.Response):
         return route
+    if (refused := _steered(sidecar, route)) is not None:
+        return refused
     rt = sidecar.proxy.runtime
     if sidecar.services.overrides.clear(rt, route):
         log.info("weight override of route %s cleared by the admin API", route.name)
     persisted = await sidecar.services.overrides.save()
     return json_response({**route_status(sidecar, rt, route), "persisted": persisted})
+
+
+def _steered(sidecar: AdminHost, route: RoutePlan) -> web.Response | None:
+    """409 while the route's rollout steers its weights (progressing or baking; docs/rollout.md#admin-actions)."""
+    rollouts = sidecar.services.rollouts
+    if not rollouts.steers_weights(route.name):
+        return None
+    state = rollouts.by_route[route.name].state.state
+    return admin_error(409, "rollout_conflict", f"the rollout of route {route.name!r} is {state} and steers its "
+                                                "weights: pause it first", route=route.name)
+
+
+# -- rollouts -----------------------------------------------------------------------------------------------
+
+
+def _rollout_or_404(sidecar: AdminHost, name: str) -> RoutePlan | web.Response:
+    route = _route_or_404(sidecar, name)
+    if isinstance(route, web.Response):
+        return route
+    if name not in sidecar.services.rollouts.by_route:
+        return admin_error(404, "not_found", f"route {name!r} has no rollout")
+    return route
+
+
+async def get_rollout(request: web.Request) -> web.Response:
+    sidecar = request.app[SIDECAR_KEY]
+    route = _rollout_or_404(sidecar, request.match_info["route"])
+    if isinstance(route, web.Response):
+        return route
+    return json_response(sidecar.services.rollouts.status_json(route.name))
+
+
+async def post_rollout(request: web.Request) -> web.Response:
+    sidecar = request.app[SIDECAR_KEY]
+    route = _rollout_or_404(sidecar, request.match_info["route"])
+    if isinstance(route, web.Response):
+        return route
+    try:
+        action = AdminAction(request.match_info["action"])
+    except ValueError:
+        return admin_error(404, "not_found", f"unknown rollout action {request.match_info['action']!r} "
+                                             f"(known: {', '.join(a.value for a in AdminAction)})")
+    rollouts = sidecar.services.rollouts
+    try:
+        res = await rollouts.admin(route.name, action)
+    except KeyError:
+        return admin_error(404, "not_found", f"route {route.name!r} has no rollout")
+    if res.error is not None:
+        return admin_error(res.error.status, res.error.type, res.error.message, route=route.name)
+    log.info("rollout of route %s: %s by the admin API", route.name, action)
+    return json_response(rollouts.status_json(route.name))
 
 
 # -- page and API description ---------------------------------------------------------------------------
@@ -484,6 +543,8 @@ def build_admin_app(sidecar: AdminHost) -> web.Application:
     app.router.add_post("/admin/reload", reload)
     app.router.add_put("/admin/routes/{route}/weights", put_weights)
     app.router.add_delete("/admin/routes/{route}/weights", delete_weights)
+    app.router.add_get("/admin/routes/{route}/rollout", get_rollout)
+    app.router.add_post("/admin/routes/{route}/rollout/{action}", post_rollout)
     app.router.add_get("/admin/openapi.json", openapi)
     app.router.add_get("/admin/mirrors", mirrors)
     app.router.add_get("/admin/drift", drift)

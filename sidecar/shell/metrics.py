@@ -221,6 +221,19 @@ class Metrics:
         self.mirror_agreement = CallbackGauge(
             "mirror_agreement_ratio", "Rolling share (0-1) of compared mirror requests whose answers agree.", rb)
         self.families += [self.mirror_requests, self.mirror_agreement]
+        # rollouts (shell/rollout_driver.py, shell/notify.py)
+        self.rollout_step = CallbackGauge("rollout_step", "Index of the rollout's current step in `steps`.",
+                                          ("route",))
+        self.rollout_state = CallbackGauge(
+            "rollout_state", "1 for the rollout's current state (progressing, paused, baking, promoted, "
+            "rolled_back), else 0.", ("route", "state"))
+        self.rollout_decisions = CounterFamily(
+            "rollout_decisions_total", "Rollout decisions by verdict: pass, fail, inconclusive, manual.",
+            ("route", "verdict"))
+        self.rollout_notify = CounterFamily(
+            "rollout_notify_total", "Rollout webhook events by outcome: sent, failed (every try failed), "
+            "dropped (queue full).", ("route", "outcome"))
+        self.families += [self.rollout_step, self.rollout_state, self.rollout_decisions, self.rollout_notify]
         # monitor: read from shell/monitor.py's published snapshots at scrape time
         rbf = ("route", "backend", "feature")
         self.drift_statistic = CallbackGauge(

@@ -94,7 +94,9 @@ _SCHEMAS: dict[str, Any] = {
             "sticky": {**_STR_OR_NULL, "description": "the sticky key header"},
             "override_header": _STR_OR_NULL,
             "timeout_s": {"type": "number"},
-            "rollout": {"type": "null", "description": "rollout state; always null (no rollout capability yet)"},
+            "rollout": {"anyOf": [_ref("Rollout"), {"type": "null"}],
+                        "description": "the route's rollout with its last decision (last_decision instead of "
+                                       "decisions); null without one"},
             "fingerprint": {"type": "string"},
             "persisted": {"type": "boolean", "description": "weights calls only: written to state_dir (or none set)"},
         },
@@ -137,11 +139,46 @@ _SCHEMAS: dict[str, Any] = {
             "backends": {"type": "array", "items": _ref("BackendStatus")},
             "mirrors": {"description": "present when mirroring is available"},
             "drift": {"description": "present when monitoring is available"},
+            "rollout_decisions": {"type": "array", "description": "recent rollout decisions (20 per route, newest "
+                                                                  "first): route, time, step, canary_weight, "
+                                                                  "verdict, action, state, reason"},
             "feedback": {"description": "per route with feedback and backend: metric, count, score_mean and "
                                         "per segment value (GET /admin/feedback has the counts)"},
         },
     },
 }
+
+_DECISION: dict[str, Any] = {
+    "type": "object", "description": "docs/rollout.md#decisions",
+    "properties": {
+        "time": {"type": "number"}, "step": {"type": "integer"}, "weights": _ref("Weights"),
+        "verdict": {"enum": ["pass", "fail", "inconclusive", "manual"]}, "action": {"type": "string"},
+        "state": {"type": "string"}, "reason": {"type": "string"},
+        "gates": {"type": "array", "items": {"type": "object", "properties": {
+            "gate": {"type": "string"}, "value": _NUM_OR_NULL, "threshold": _NUM_OR_NULL,
+            "samples": {"type": "object"}, "verdict": {"enum": ["pass", "fail", "inconclusive", "skipped"]},
+            "reason": {"type": "string"}, "needs": {"type": "object"}}}}}}
+_SCHEMAS["Rollout"] = {
+    "type": "object",
+    "properties": {
+        "route": {"type": "string"},
+        "state": {"enum": ["progressing", "paused", "baking", "promoted", "rolled_back"]},
+        "step": {"type": "integer", "description": "index in steps"},
+        "steps": {"type": "array", "items": {"type": "integer"}},
+        "canary": {"type": "string"}, "baseline": {"type": "string"},
+        "reason": {"type": "string"}, "dry_run": {"type": "boolean"},
+        "weights": {**_ref("Weights"), "description": "the weights the state holds (applied unless dry_run)"},
+        "would_weights": {"anyOf": [_ref("Weights"), {"type": "null"}],
+                          "description": "dry run: the weights it would have applied"},
+        "started_at": {"type": "number"}, "step_started_at": {"type": "number"},
+        "next_check_at": _NUM_OR_NULL, "key": {"type": "string"},
+        "actions": {"type": "array", "items": {"type": "string"}, "description": "admin actions allowed now"},
+        "decisions": {"type": "array", "items": _DECISION, "description": "the last 50, oldest first"},
+        "last_decision": {"anyOf": [_DECISION, {"type": "null"}], "description": "in /admin/status only"},
+    },
+}
+_ROLLOUT_ACTION = [{"name": "action", "in": "path", "required": True,
+                    "schema": {"enum": ["pause", "resume", "promote", "rollback", "restart"]}}]
 
 _paths: dict[str, dict[str, Any]] = {
     "/healthz": {"get": {"summary": "liveness: 200 while the process serves", "security": [],
@@ -230,11 +267,30 @@ _paths: dict[str, dict[str, Any]] = {
                 "schema": _ref("Weights"), "examples": {"blue-green": {"value": {"stable": 0, "canary": 100}}}}}},
             "responses": {"200": _json(_ref("RouteStatus"), "the route with its new weights"),
                           "400": _json(_ref("Error"), "unknown backend, negative, not a number or all zero"),
-                          "404": _json(_ref("Error"), "unknown route"), **_MUTATING_ERR}},
+                          "404": _json(_ref("Error"), "unknown route"),
+                          "409": _json(_ref("Error"), "the route's rollout is progressing or baking "
+                                                      "(type rollout_conflict): pause it first"), **_MUTATING_ERR}},
         "delete": {
             "summary": "drop the route's override: back to the configured weights",
             "responses": {"200": _json(_ref("RouteStatus"), "the route with its configured weights"),
-                          "404": _json(_ref("Error"), "unknown route"), **_MUTATING_ERR}},
+                          "404": _json(_ref("Error"), "unknown route"),
+                          "409": _json(_ref("Error"), "the route's rollout is progressing or baking "
+                                                      "(type rollout_conflict)"), **_MUTATING_ERR}},
+    },
+    "/admin/routes/{route}/rollout": {
+        "parameters": _ROUTE_PARAM,
+        "get": {"summary": "the route's rollout: state, step, weights, decisions (docs/rollout.md)",
+                "responses": {"200": _json(_ref("Rollout"), "the rollout"),
+                              "404": _json(_ref("Error"), "unknown route, or a route without rollout"), **_ERR}},
+    },
+    "/admin/routes/{route}/rollout/{action}": {
+        "parameters": [*_ROUTE_PARAM, *_ROLLOUT_ACTION],
+        "post": {"summary": "steer the rollout: pause, resume, promote, rollback, restart (docs/rollout.md"
+                            "#admin-actions)",
+                 "responses": {"200": _json(_ref("Rollout"), "the rollout after the action"),
+                               "404": _json(_ref("Error"), "unknown route or action, or no rollout"),
+                               "409": _json(_ref("Error"), "the rollout's state does not allow the action "
+                                                           "(type rollout_conflict)"), **_MUTATING_ERR}},
     },
     "/admin/openapi.json": {"get": {"summary": "this document",
                                     "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1"), **_ERR}}},

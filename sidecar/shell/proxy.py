@@ -292,6 +292,7 @@ class Proxy:
         self.mirrors = services.mirrors
         self.monitor = services.monitor
         self.feedback = services.feedback
+        self.rollouts = services.rollouts
         self.access_log = services.access_log
         self.inflight = 0
         self.closing = False            # set after drain.delay: answers carry Connection: close
@@ -808,6 +809,7 @@ class Proxy:
         cells.duration.observe(duration)
         if ex.backend and ex.outcome is not None:  # rolling latency and errors (shell/monitor.py)
             self.monitor.record(route, ex.backend, duration, ex.outcome)
+            self.rollouts.record(route, ex.backend, duration)   # a rolled-out step's latencies
         if rt.plan.access_log:
             # the path routes matched; a target that was not checked (refused, shed) as received
             path = ex.target.path if ex.target is not None else _shown(request.raw_path)

@@ -62,6 +62,9 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+ROLLOUT_DECISIONS_SHOWN = 20   # per route, in /admin/status's rollout_decisions
+
+
 class Sidecar:
     """One sidecar process's serving state. `await run()` serves until stopped."""
 
@@ -85,7 +88,7 @@ class Sidecar:
         self.reloader = Reloader(self, self.services.metrics, poll_s=config_poll_s)
         # each capability adds one callable: () -> {"mirrors": ...}, or (backend) -> {"circuit": ...}
         self.status_providers: list[StatusProvider] = [self._mirror_status, self._drift_status,
-                                                            self._feedback_status]
+                                                       self._feedback_status, self._rollout_status]
 
     def _mirror_status(self) -> dict[str, Any]:
         """Mirrors in /admin/status: one row per (route, shadow); disagreements stay in /admin/mirrors."""
@@ -95,6 +98,15 @@ class Sidecar:
     def _drift_status(self) -> dict[str, Any]:
         """Drift in /admin/status: one row per (route, backend, feature) of the last pass."""
         return {"drift": [row.to_json() for row in self.services.monitor.drift_rows()]}
+
+    def _rollout_status(self) -> dict[str, Any]:
+        """Rollouts in /admin/status (and the page's table): each rollout's recent decisions, newest first."""
+        rows = [{"route": name, "time": d.time, "step": d.step,
+                 "canary_weight": d.weights.get(ro.plan.policy.canary), "verdict": str(d.verdict),
+                 "action": str(d.action), "state": str(d.state), "reason": d.reason}
+                for name, ro in self.services.rollouts.by_route.items()
+                for d in reversed(ro.state.decisions[-ROLLOUT_DECISIONS_SHOWN:])]
+        return {"rollout_decisions": rows}
 
     def _feedback_status(self) -> dict[str, Any]:
         """Feedback in /admin/status: per route and backend, the metric, count, score mean, segments."""
@@ -119,8 +131,9 @@ class Sidecar:
         return cleared
 
     async def save_overrides(self) -> None:
-        """Persist the weight overrides (after `adopt` cleared some)."""
+        """Persist the weight overrides (after `adopt` cleared some) and the rollouts' state."""
         await self.services.overrides.save()
+        await self.services.rollouts.persist()
 
     @property
     def proxy_url(self) -> str:
@@ -211,6 +224,8 @@ class Sidecar:
         overrides = self.services.overrides
         await asyncio.to_thread(overrides.load, self.proxy.runtime.plan)
         overrides.apply(self.proxy.runtime, "config changed since the state was saved")
+        # rollouts resume (or start) and apply their weights over the overrides
+        await self.services.rollouts.start(lambda: self.proxy.runtime)
         if overrides.dirty:
             await overrides.save()
 

@@ -10,6 +10,8 @@ the one owner) and handed to whoever uses it (the proxy, the admin API, the relo
     monitor      latency windows, payload sampling, drift, sample logs (shell/monitor.py)
     overrides    runtime weight overrides and their file (shell/state.py)
     feedback     the feedback trackers, their worker thread and snapshots (shell/feedback.py)
+    notifier     rollout webhooks (shell/notify.py)
+    rollouts     the rollout driver: state, judging, its file (shell/rollout_driver.py)
 
 Their lifecycle, each step in one place:
 
@@ -23,7 +25,8 @@ Their lifecycle, each step in one place:
 A capability that must outlive a reload (the rollout driver, fleet membership, notifications)
 becomes a field here and joins these steps; everything else reaches it as `services.<name>`.
 
-Imports: stdlib, sidecar.config, sidecar.shell (accesslog, feedback, metrics, mirror, monitor, runtime, state).
+Imports: stdlib, sidecar.config, sidecar.shell (accesslog, feedback, metrics, mirror, monitor, notify,
+rollout_driver, runtime, state).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from sidecar.shell.feedback import Feedback
 from sidecar.shell.metrics import Metrics, loop_task_samples
 from sidecar.shell.mirror import Mirrors
 from sidecar.shell.monitor import Monitor
+from sidecar.shell.notify import Notifier
+from sidecar.shell.rollout_driver import RolloutDriver
 from sidecar.shell.runtime import Runtime
 from sidecar.shell.state import Overrides, resolve_state_dir
 
@@ -55,6 +60,8 @@ class Services:
         self.feedback = Feedback()
         # state_dir is read once, at start (a reload that changes it warns: shell/reload.py)
         self.overrides = Overrides(resolve_state_dir(plan.config.state_dir, config_path))
+        self.notifier = Notifier(self.metrics)
+        self.rollouts = RolloutDriver(self.metrics, self.overrides, self.overrides.state_dir, self.notifier)
         self._follow(plan)
 
     def _follow(self, plan: Plan) -> None:
@@ -67,11 +74,13 @@ class Services:
         half of it. Returns the routes whose weight overrides its config cleared (docs/operations.md)."""
         cleared = self.overrides.apply(runtime, "reload")
         self._follow(runtime.plan)
+        self.rollouts.adopt(runtime)   # after the overrides: it applies its weights again
         return cleared
 
     def tasks(self) -> dict[str, Coroutine[Any, Any, None]]:
         """The background loops, by task name; each runs until cancelled."""
-        return {"access-log": self.access_log.run(), "monitor": self.monitor.run(), "feedback": self.feedback.run()}
+        return {"access-log": self.access_log.run(), "monitor": self.monitor.run(), "feedback": self.feedback.run(),
+                "rollouts": self.rollouts.run(), "notify": self.notifier.run()}
 
     def bind_gauges(self, live: Callable[[], Runtime]) -> None:
         """The one place where callback gauges are bound to what they read at scrape time.
@@ -86,6 +95,9 @@ class Services:
         m.backend_healthy.read = lambda: live().healthy_samples()
         m.endpoint_ejected.read = lambda: live().ejected_samples()
         m.config_info.read = lambda: [((live().plan.version,), 1.0)]
+        # rollouts
+        m.rollout_step.read = self.rollouts.step_samples
+        m.rollout_state.read = self.rollouts.state_samples
         # shadows
         m.mirror_agreement.read = mirrors.agreement_samples
         # the monitor's published snapshots

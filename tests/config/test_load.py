@@ -109,6 +109,7 @@ def test_validate_cli_ok_and_every_error(tmp_path):
     ok = run_cli("validate", "-c", str(ROOT / "config" / "example.yaml"))
     assert ok.returncode == 0, ok.stderr
     assert "route fraud" in ok.stdout
+    assert "rollout canary vs stable: steps [5, 10, 25, 50, 100] every 60s" in ok.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text(BASE.replace("canary: 5", "canary2: 5") + "extra: true\n")
     res = run_cli("validate", "-c", str(bad))

@@ -44,14 +44,17 @@ SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=
 Json = Any
 
 
-async def _sidecar(upstreams: u.UpstreamFactory, make_sidecar: MakeSidecar, tmp_path: Any) -> Any:
+async def _sidecar(upstreams: u.UpstreamFactory, make_sidecar: MakeSidecar, tmp_path: Any,
+                   rollout: bool = False) -> Any:
     stable, canary = await upstreams.start(name="stable"), await upstreams.start(name="canary")
+    fraud: dict[str, Any] = {"name": "fraud", "match": {"path_prefix": "/v1/models/fraud"},
+                             "split": {"stable": 90, "canary": 10}}
+    if rollout:   # judged once an hour: the fuzzed admin actions move it (and PUT weights meets its 409)
+        fraud["rollout"] = {"canary": "canary", "baseline": "stable", "steps": [10, 100], "interval": "1h"}
     return await make_sidecar({
         "admin": {"listen": "127.0.0.1:0", "token": TOKEN},
         "backends": {"stable": {"url": stable.url}, "canary": {"url": canary.url}},
-        "routes": [{"name": "fraud", "match": {"path_prefix": "/v1/models/fraud"},
-                    "split": {"stable": 90, "canary": 10}},
-                   {"name": "other", "split": {"stable": 1}}],
+        "routes": [fraud, {"name": "other", "split": {"stable": 1}}],
     }, path=tmp_path / "sidecar.yaml")
 
 
@@ -107,6 +110,8 @@ bodies = st.one_of(
                      b'{"stable": "\xff"}', b'{"\xff\xfe": 1}', b'{"stable": 1, "stable": -1}',
                      b'\xef\xbb\xbf{"stable": 1}', b'{"stable": 1} trailing', b'{"stable": 0, "canary": 0}']))
 route_names = st.one_of(st.sampled_from(ROUTES), st.text(min_size=1, max_size=10))
+ACTIONS = ["pause", "resume", "promote", "rollback", "restart"]
+action_names = st.one_of(st.sampled_from(ACTIONS), st.sampled_from(ACTIONS), st.text(min_size=1, max_size=10))
 
 
 OVERFLOW = b'{"stable": 1.7e308, "canary": 1.7e308}'   # each finite, their sum is not
@@ -252,7 +257,7 @@ queries = st.one_of(st.just(""), st.dictionaries(st.text(max_size=5), st.text(ma
 
 async def test_openapi_operations_conform(upstreams, make_sidecar: MakeSidecar, client, tmp_path):
     """Every admin operation, fuzzed from the OpenAPI document with and without the token, answers as documented."""
-    sc = await _sidecar(upstreams, make_sidecar, tmp_path)
+    sc = await _sidecar(upstreams, make_sidecar, tmp_path, rollout=True)
     async with client.get(sc.admin_url + "/admin/openapi.json", headers={"authorization": f"Bearer {TOKEN}"}) as r:
         assert r.status == 200
         api = await r.json()
@@ -272,6 +277,8 @@ async def test_openapi_operations_conform(upstreams, make_sidecar: MakeSidecar, 
         concrete = path
         if "{route}" in path:
             concrete = path.replace("{route}", quote(draw(route_names), safe=""))
+        if "{action}" in path:
+            concrete = concrete.replace("{action}", quote(draw(action_names), safe=""))
         body: bytes | None = None
         content = op.get("requestBody", {}).get("content", {}).get("application/json")
         if content is not None and draw(st.booleans()):
@@ -282,6 +289,9 @@ async def test_openapi_operations_conform(upstreams, make_sidecar: MakeSidecar, 
 
     @settings(SETTINGS, max_examples=2 * EXAMPLES)
     @given(requests())
+    # the rollout's read, and an action, reached at least once whatever the draws
+    @example(("GET", "/admin/routes/{route}/rollout", "/admin/routes/fraud/rollout", None, TOKEN))
+    @example(("POST", "/admin/routes/{route}/rollout/{action}", "/admin/routes/fraud/rollout/pause", b"", TOKEN))
     def prop(req: tuple[str, str, str, bytes | None, str | None]) -> None:
         method, path, target, body, token = req
         headers = {"content-type": "application/json"}

@@ -24,7 +24,10 @@ from reliability.common import metric
 from sidecar.core.feedback import JoinOutcome
 from sidecar.core.outcome import Outcome
 from sidecar.core.retry import NoRetry
+from sidecar.core.rollout import DecisionVerdict
+from sidecar.core.rollout import State as RolloutStateName
 from sidecar.shell.mirror import MirrorOutcome
+from sidecar.shell.notify import OUTCOMES as NOTIFY_OUTCOMES
 from sidecar.shell.samplelog import DROP_REASONS
 from tests import upstreams as u
 from tests.conftest import MakeSidecar
@@ -52,6 +55,8 @@ async def test_no_request_data_in_metric_labels(upstreams, make_sidecar: MakeSid
                     "monitor": {"sample": 1.0, "reference": {"backend": "stable"}, "drift": {"min_samples": 5,
                                                                                             "every": "100ms"},
                                 "features": {"f": {"from": "request", "path": "$.x"}}},
+                    "rollout": {"canary": "canary", "baseline": "stable", "steps": [50, 100], "interval": "1h",
+                                "notify": {"webhook": u.refused_url(), "timeout": "100ms"}},
                     "feedback": {"path": "/fb", "prediction": {"path": "$.predictions[0]", "threshold": 0.5},
                                  "segments": {"seg": {"from": "request", "path": "$.seg", "values": ["a", "b"]}}}},
                    {"name": "down", "match": {"path_prefix": "/down"}, "split": {"down": 1},
@@ -85,7 +90,9 @@ async def test_no_request_data_in_metric_labels(upstreams, make_sidecar: MakeSid
                "kind": {"backend", "response"}, "segment": {"seg"}, "value": {"a", "b", "other"},
                "metric": {"accuracy"},
                "result": {"ok", "unchanged", "error"}, "quantile": {"0.5", "0.95", "0.99"},
-               "feature": {"f"}, "test": {"ks", "chi2"}, "endpoint": {"0", "1"}}
+               "feature": {"f"}, "test": {"ks", "chi2"}, "endpoint": {"0", "1"},
+               "state": set(map(str, RolloutStateName)), "verdict": set(map(str, DecisionVerdict))}
+    allowed["outcome"] |= set(NOTIFY_OUTCOMES)
     for line in text.splitlines():
         if line.startswith("#") or "{" not in line:
             continue

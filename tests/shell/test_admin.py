@@ -23,14 +23,21 @@ def registered(sc: Any) -> list[tuple[str, str]]:
         info = route.resource.get_info() if route.resource else {}
         path = info.get("path") or info.get("formatter", "")
         if route.method != "HEAD":
-            out.append((route.method, path.replace("{route}", "fraud")))
+            out.append((route.method, path.replace("{route}", "fraud").replace("{action}", "pause")))
     return out
+
+
+def with_rollout(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The route `fraud` with a rollout that judges nothing for an hour (so every rollout endpoint answers)."""
+    cfg["routes"][0]["rollout"] = {"canary": "canary", "baseline": "stable", "steps": [10, 100], "interval": "1h"}
+    return cfg
 
 
 async def test_token_needed_everywhere_but_health_ready_metrics(upstreams, make_sidecar: MakeSidecar, client):
     """With a token set, every admin endpoint but /healthz, /readyz, /metrics answers 401 without it."""
     up = await upstreams.start()
-    sc = await make_sidecar({**fraud(up.url, up.url), "admin": {"listen": "127.0.0.1:0", "token": TOKEN}})
+    sc = await make_sidecar({**with_rollout(fraud(up.url, up.url)),
+                             "admin": {"listen": "127.0.0.1:0", "token": TOKEN}})
     endpoints = registered(sc)
     assert len(endpoints) >= 10
     body = {"stable": 1}
@@ -57,7 +64,7 @@ async def test_token_needed_everywhere_but_health_ready_metrics(upstreams, make_
 async def test_non_loopback_without_token_refuses_changes(upstreams, make_sidecar: MakeSidecar, client):
     """An admin listener on every interface without a token answers 403 to mutating calls only."""
     up = await upstreams.start()
-    sc = await make_sidecar({**fraud(up.url, up.url), "admin": {"listen": "0.0.0.0:0"}})
+    sc = await make_sidecar({**with_rollout(fraud(up.url, up.url)), "admin": {"listen": "0.0.0.0:0"}})
     for method, path in registered(sc):
         async with client.request(method, sc.admin_url + path, json={"stable": 1} if method == "PUT" else None) as r:
             if method in ("GET", "HEAD"):

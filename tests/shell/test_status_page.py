@@ -81,6 +81,20 @@ async def test_page_shows_backends_and_follows_a_weight_change(upstreams, make_s
     assert ">override<" in dom
 
 
+async def test_page_shows_the_rollout_and_its_decisions(upstreams, make_sidecar: MakeSidecar, client, tmp_path):
+    """A route's rollout shows its state, step and weights, and its decisions in a table."""
+    up = await upstreams.start()
+    cfg = fraud(up.url, up.url)
+    cfg["routes"][0]["rollout"] = {"canary": "canary", "baseline": "stable", "steps": [10, 100], "interval": "1h"}
+    sc = await make_sidecar(cfg)
+    status, _ = await admin(client, "POST", sc.admin_url + "/admin/routes/fraud/rollout/pause")
+    assert status == 200
+    dom = await render(sc.admin_url + "/", tmp_path / "profile")
+    assert "paused · step 0 of 2 (10%) · canary=10 stable=90 · paused by admin" in dom
+    assert 'id="section-rollout_decisions"' in dom and "paused by admin" in dom
+    assert '<svg' in dom and 'class="timeline"' in dom and 'class="decision manual"' in dom
+
+
 async def test_page_asks_for_the_token(upstreams, make_sidecar: MakeSidecar, tmp_path):
     """With a token set, the page loads, shows no data and asks for the token."""
     up = await upstreams.start()

@@ -1,0 +1,407 @@
+"""The rollout driver: carries out what sidecar.core.rollout decides, for every route with a `rollout`.
+
+What it owns (one per process, a field of shell/services.py `Services`):
+
+- per route with a rollout: its compiled plan, its `RolloutState`, when to tick next, the
+  step's data (counter snapshots at the step's start and a bounded list of latencies), the
+  weights it would apply in dry run;
+- one background loop (`run`, in the server's TaskGroup, cancelled on shutdown) that sleeps
+  until the earliest `next_check_at` (at most `POLL_S`, to see a canary's circuit open),
+  builds each due route's `StepData`, calls `handle` off the loop (`asyncio.to_thread`: the
+  comparisons call scipy) and carries out the actions in order;
+- the state file `rollouts.json` in state_dir, rewritten atomically at every change.
+
+Actions carried out:
+    SetWeights      applied through the runtime weight overrides (shell/state.py), the same
+                    mechanism as `PUT /admin/routes/{route}/weights`: routing follows at once;
+                    in dry run only kept to be shown
+    ResetStepData   snapshot the counters the proxy already keeps (requests_total and
+                    upstream_attempts_total cells of the canary and the baseline) and empty
+                    the step's latency lists
+    Record          log one JSON line, count `rollout_decisions_total{verdict}`
+    Notify          queue the webhook event (shell/notify.py): never waits for it
+    DiscardedState  log why saved state was not resumed
+
+Per request the proxy calls `record(route, backend, duration)`: one dict lookup and, for the
+canary and baseline of a rolled-out route, one list append.
+
+NOTE (approximations): `latency_s` holds request latencies (retries included), not try
+latencies; at most `MAX_LATENCIES` per backend and step are kept, the first ones of the
+step. Counts are the process's own (no fleet pooling).
+
+Concurrency: every change to a route's state happens on the loop under `self._lock`
+(ticks, admin actions, reloads), so an admin action never interleaves with a judgement.
+
+Imports: stdlib, orjson, sidecar.config, sidecar.core, sidecar.shell (files, metrics, notify, runtime, state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import orjson
+
+from sidecar.config.plan import RolloutPlan
+from sidecar.core.breaker import CircuitState
+from sidecar.core.gates import BackendData, StepData
+from sidecar.core.outcome import Outcome
+from sidecar.core.rollout import (
+    Admin,
+    AdminAction,
+    CircuitOpened,
+    DiscardedState,
+    Event,
+    Notify,
+    Record,
+    ResetStepData,
+    Result,
+    RolloutState,
+    SetWeights,
+    State,
+    Tick,
+    boot,
+    handle,
+    would_allow,
+)
+from sidecar.shell.files import write_atomically
+from sidecar.shell.metrics import Metrics
+from sidecar.shell.notify import Notifier
+from sidecar.shell.runtime import Runtime
+from sidecar.shell.state import Overrides
+
+log = logging.getLogger("sidecar.rollout")
+
+STATE_FILE: Final = "rollouts.json"
+FORMAT: Final = 1
+POLL_S: Final = 1.0          # the longest sleep: a canary's circuit opening is seen within it
+MAX_LATENCIES: Final = 20_000
+_FAILED: Final = frozenset(str(o) for o in Outcome if o.failed)
+
+
+@dataclass(slots=True)
+class _Rollout:
+    """One route's rollout (loop-owned)."""
+
+    route: str
+    plan: RolloutPlan
+    state: RolloutState
+    next_check_at: float | None
+    since: float = 0.0
+    base: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # backend -> counts at step start
+    latency: dict[str, list[float]] = field(default_factory=dict)
+    would_weights: dict[str, int] | None = None     # dry run: what it would have applied
+    circuit_open: bool = False
+
+
+class RolloutDriver:
+    """See the module docstring."""
+
+    def __init__(self, metrics: Metrics, overrides: Overrides, state_dir: Path | None,
+                 notifier: Notifier, clock: Callable[[], float] = time.time) -> None:
+        self.metrics = metrics
+        self.overrides = overrides
+        self.state_dir = state_dir
+        self.notifier = notifier
+        self.clock = clock
+        self.by_route: dict[str, _Rollout] = {}
+        self._latency: dict[tuple[str, str], list[float]] = {}   # what the proxy appends to
+        self._live: Callable[[], Runtime] | None = None
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._saved: dict[str, Any] = {}
+        self._generation = 0
+        self._written = 0
+        self._write_lock = asyncio.Lock()
+        self.errors = 0
+
+    @property
+    def path(self) -> Path | None:
+        return self.state_dir / STATE_FILE if self.state_dir is not None else None
+
+    # -- hot path -----------------------------------------------------------------------------
+
+    def record(self, route: str, backend: str, duration_s: float) -> None:
+        """Every answered request: one lookup; an append for a rolled-out route's canary or baseline."""
+        lat = self._latency.get((route, backend))
+        if lat is not None and len(lat) < MAX_LATENCIES:
+            lat.append(duration_s)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Read rollouts.json (blocking: through asyncio.to_thread, at start)."""
+        path = self.path
+        if path is None or not path.exists():
+            return
+        try:
+            doc = orjson.loads(path.read_bytes())
+            if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("rollouts"), dict):
+                raise ValueError(f"unknown format {doc.get('format') if isinstance(doc, dict) else doc!r}")
+            self._saved = dict(doc["rollouts"])
+        except (OSError, ValueError) as e:
+            log.error("rollout: cannot use %s (%s); rollouts start at step 0", path, e)
+            self._saved = {}
+
+    async def start(self, live: Callable[[], Runtime]) -> None:
+        """At start, after the weight overrides were restored: boot every rollout (resume saved state)."""
+        self._live = live
+        await asyncio.to_thread(self.load)
+        async with self._lock:
+            self._follow(live(), initial=True)
+        await self.persist()
+
+    def adopt(self, runtime: Runtime) -> None:
+        """A reload (sync, from Services.adopt): keep rollouts whose key is the same, start changed
+        ones anew, drop those whose route lost its rollout. Their weights are applied again (the
+        overrides of changed routes were just cleared)."""
+        self._follow(runtime, initial=False)
+        self._wake.set()
+
+    def _follow(self, runtime: Runtime, initial: bool) -> None:
+        now = self.clock()
+        routes = {r.name: r for r in runtime.plan.routes if r.rollout is not None}
+        for name in list(self.by_route):
+            if name not in routes:
+                del self.by_route[name]
+                self._generation += 1
+                log.info("rollout of route %s dropped: the route or its rollout section is gone", name)
+        self._latency = {}
+        for name, route in routes.items():
+            rp = route.rollout
+            assert rp is not None
+            old = self.by_route.get(name)
+            if old is not None and old.state.key == rp.policy.key:
+                old.plan = rp
+                self._latency[(name, rp.policy.canary)] = old.latency.setdefault(rp.policy.canary, [])
+                self._latency[(name, rp.policy.baseline)] = old.latency.setdefault(rp.policy.baseline, [])
+                if not rp.policy.dry_run:
+                    self._set_weights(runtime, old, old.state.weights(rp.policy))
+                continue
+            saved = self._saved.pop(name, None) if initial else None
+            if old is not None:
+                log.info("rollout of route %s starts anew: its rollout config changed (key %s -> %s)",
+                         name, old.state.key, rp.policy.key)
+            res = boot(rp.policy, saved, now)
+            ro = _Rollout(name, rp, res.state, res.next_check_at)
+            self.by_route[name] = ro
+            self._carry_out(runtime, ro, res)
+        for name in self._saved:
+            log.warning("saved rollout state of route %s dropped: the route has no rollout now", name)
+        self._saved = {}
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Tick each rollout at its next_check_at; watch the canaries' circuits. Until cancelled."""
+        while True:
+            try:
+                due = [ro.next_check_at for ro in self.by_route.values() if ro.next_check_at is not None]
+                delay = POLL_S if not due else max(0.0, min(POLL_S, min(due) - self.clock()))
+                self._wake.clear()
+                try:
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+                await self.tick()
+                await self.persist()   # a no-op unless something changed (a reload starting a rollout anew)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.errors += 1
+                log.exception("rollout: tick failed; carrying on")
+                await asyncio.sleep(POLL_S)
+
+    async def tick(self) -> None:
+        live = self._live
+        if live is None:
+            return
+        for name in list(self.by_route):
+            async with self._lock:
+                ro = self.by_route.get(name)
+                if ro is None:
+                    continue
+                rt = live()
+                event: Event | None = None
+                if self._circuit_opened(rt, ro):
+                    event = CircuitOpened()
+                elif ro.next_check_at is not None and self.clock() >= ro.next_check_at:
+                    event = Tick(self._step_data(ro))
+                if event is None:
+                    continue
+                state, policy = ro.state, ro.plan.policy
+                res = await asyncio.to_thread(handle, policy, state, event, self.clock())
+                if self.by_route.get(name) is not ro or ro.state is not state:
+                    continue   # a reload replaced it meanwhile (adopt is sync, outside the lock)
+                self._carry_out(live(), ro, res)
+            await self.persist()
+
+    def _circuit_opened(self, rt: Runtime, ro: _Rollout) -> bool:
+        backend = rt.backends.get(ro.plan.policy.canary)
+        is_open = backend is not None and backend.circuit_state(time.monotonic()) is CircuitState.OPEN
+        opened = is_open and not ro.circuit_open
+        ro.circuit_open = is_open
+        return opened and not ro.state.state.terminal
+
+    # -- admin --------------------------------------------------------------------------------
+
+    async def admin(self, route: str, action: AdminAction, reason: str = "admin") -> Result:
+        """Carry out an admin action; KeyError when the route has no rollout (any more: a reload)."""
+        async with self._lock:
+            ro = self.by_route[route]    # looked up under the lock: a reload may have replaced it
+            res = handle(ro.plan.policy, ro.state, Admin(action, reason), self.clock())
+            if res.error is None and self._live is not None:
+                self._carry_out(self._live(), ro, res)
+        await self.persist()
+        return res
+
+    def steers_weights(self, route: str) -> bool:
+        ro = self.by_route.get(route)
+        return ro is not None and ro.state.state.steers_weights and not ro.plan.policy.dry_run
+
+    # -- actions ------------------------------------------------------------------------------
+
+    def _carry_out(self, rt: Runtime, ro: _Rollout, res: Result) -> None:
+        ro.state = res.state
+        ro.next_check_at = res.next_check_at
+        self._generation += 1
+        for action in res.actions:
+            if isinstance(action, SetWeights):
+                if action.applied:
+                    self._set_weights(rt, ro, action.weights)
+                    ro.would_weights = None
+                else:
+                    ro.would_weights = dict(action.weights)
+            elif isinstance(action, ResetStepData):
+                self._reset(ro, action.since)
+            elif isinstance(action, Record):
+                d = action.decision
+                self.metrics.rollout_decisions.labels(ro.route, str(d.verdict)).value += 1
+                log.info("%s", orjson.dumps({"rollout": ro.route, **d.to_json()}).decode())
+            elif isinstance(action, Notify):
+                self.notifier.send(ro.route, ro.plan.notify, action.to_json(ro.route))
+            elif isinstance(action, DiscardedState):
+                log.warning("rollout of route %s: %s; starting at step 0", ro.route, action.reason)
+
+    def _set_weights(self, rt: Runtime, ro: _Rollout, weights: Mapping[str, int]) -> None:
+        route = rt.plan.routes_by_name.get(ro.route)
+        if route is None:
+            return
+        merged = self.overrides.weights_of(route)
+        merged.update({b: float(w) for b, w in weights.items()})
+        if sum(merged.values()) <= 0:
+            return
+        self.overrides.set(rt, route, merged)
+        log.info("rollout of route %s sets weights %s", ro.route,
+                 ", ".join(f"{b}={w:g}" for b, w in merged.items()))
+
+    def _counts(self, route: str, backend: str) -> tuple[int, int, int]:
+        """(requests, tries, failed tries) of (route, backend) since the process started."""
+        requests = sum(int(c.value) for (r, b, _code), c in self.metrics.requests.items()
+                       if r == route and b == backend)
+        tries = failed = 0
+        for (r, b, outcome), c in self.metrics.upstream_attempts.items():
+            if r == route and b == backend:
+                tries += int(c.value)
+                if outcome in _FAILED:
+                    failed += int(c.value)
+        return requests, tries, failed
+
+    def _reset(self, ro: _Rollout, since: float) -> None:
+        ro.since = since
+        p = ro.plan.policy
+        for b in (p.canary, p.baseline):
+            ro.base[b] = self._counts(ro.route, b)
+            lat = ro.latency.setdefault(b, [])
+            lat.clear()
+            self._latency[(ro.route, b)] = lat
+
+    def _step_data(self, ro: _Rollout) -> StepData:
+        p = ro.plan.policy
+
+        def backend_data(b: str) -> BackendData:
+            now_counts = self._counts(ro.route, b)
+            base = ro.base.get(b, (0, 0, 0))
+            req, tries, failed = (max(0, x - y) for x, y in zip(now_counts, base, strict=True))
+            return BackendData(requests=req, tries=tries, failed_tries=min(failed, tries),
+                               latency_s=np.asarray(ro.latency.get(b, ()), dtype=np.float64))
+
+        return StepData(canary=backend_data(p.canary), baseline=backend_data(p.baseline))
+
+    # -- persistence --------------------------------------------------------------------------
+
+    async def persist(self) -> bool:
+        """Write rollouts.json if any state changed since the last write (atomic, off the loop),
+        and the weight overrides the rollout set (state.json, shell/state.py)."""
+        if self.overrides.dirty:
+            await self.overrides.save()
+        path = self.path
+        if path is None:
+            self._written = self._generation
+            return True
+        async with self._write_lock:
+            generation = self._generation
+            if generation == self._written:
+                return True
+            doc = {"format": FORMAT, "rollouts": {n: ro.state.to_dict() for n, ro in sorted(self.by_route.items())}}
+            data = orjson.dumps(doc, option=orjson.OPT_INDENT_2)
+            try:
+                await asyncio.to_thread(write_atomically, path, data)
+            except OSError as e:
+                self.errors += 1
+                log.error("rollout: cannot write %s: %s (the rollout goes on, but will not survive a restart)",
+                          path, e)
+                return False
+            self._written = generation
+            return True
+
+    # -- reports ------------------------------------------------------------------------------
+
+    def status_json(self, route: str) -> dict[str, Any] | None:
+        ro = self.by_route.get(route)
+        if ro is None:
+            return None
+        p, st = ro.plan.policy, ro.state
+        return {
+            "route": route,
+            "state": str(st.state),
+            "step": st.step,
+            "steps": list(p.steps),
+            "canary": p.canary,
+            "baseline": p.baseline,
+            "reason": st.reason,
+            "dry_run": p.dry_run,
+            "weights": st.weights(p),
+            "would_weights": ro.would_weights,
+            "started_at": st.started_at,
+            "step_started_at": st.step_started_at,
+            "next_check_at": ro.next_check_at,
+            "key": st.key,
+            "actions": [str(a) for a in AdminAction if would_allow(st.state, a)],
+            "decisions": [d.to_json() for d in st.decisions],
+        }
+
+    def summary_json(self, route: str) -> dict[str, Any] | None:
+        """The short form in /admin/status: the last decision only."""
+        doc = self.status_json(route)
+        if doc is None:
+            return None
+        decisions = doc.pop("decisions")
+        doc["last_decision"] = decisions[-1] if decisions else None
+        return doc
+
+    def step_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+        for name, ro in self.by_route.items():
+            yield (name,), float(ro.state.step)
+
+    def state_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+        for name, ro in self.by_route.items():
+            for s in State:
+                yield (name, str(s)), 1.0 if ro.state.state is s else 0.0
