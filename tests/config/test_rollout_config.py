@@ -1,4 +1,4 @@
-"""The route's `rollout` block: the SPEC's example compiles into the core's policies; mistakes and the gates
+"""The route's `rollout` block: the documented example compiles into the core's policies; mistakes and the gates
 not served yet are named at their place."""
 
 from __future__ import annotations
