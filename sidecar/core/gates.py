@@ -51,6 +51,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sidecar.core.drift import DriftResult
+from sidecar.core.feedback import Metric
 from sidecar.core.sequential import SequentialPolicy, SequentialState
 
 FloatArray: TypeAlias = npt.NDArray[np.float64]
@@ -85,17 +86,9 @@ class Verdict(StrEnum):
     SKIPPED = "skipped"
 
 
-class FeedbackMetric(StrEnum):
-    """`feedback.metric`: which way is better decides what a floor and a drop mean."""
-
-    ACCURACY = "accuracy"
-    MAE = "mae"
-    RMSE = "rmse"
-    MEAN = "mean"
-
-    @property
-    def higher_is_better(self) -> bool:
-        return self in (FeedbackMetric.ACCURACY, FeedbackMetric.MEAN)
+# `feedback.metric`: which way is better decides what a floor and a drop mean (one enum, the
+# feedback module's; the gates' name for it)
+FeedbackMetric = Metric
 
 
 class CompareLatency(StrEnum):
