@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from sidecar.config.load import parse_config
+from sidecar.demo.run import DemoError, _sidecar
 from sidecar.demo.scenario import MODELS, Timeline, initial_config, reloaded_config
 
 DEMO = [sys.executable, "-m", "sidecar", "demo"]
@@ -99,3 +100,34 @@ def test_demo_keep_serves_the_cli_until_ctrl_c():
             proc.kill()
             proc.communicate()
     _assert_nothing_left(*_pid_and_ports(out))
+
+
+def test_ctrl_c_mid_run_stops_everything():
+    """Ctrl-C while the demo runs stops the clients, the sidecar and the models at once (exit 130)."""
+    proc = subprocess.Popen([*DEMO, "--duration", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines: list[str] = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if re.match(r"\[ *\d+\.\d s\] req/s: ", line):
+                break
+        out = "".join(lines)
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, out + rest + err
+        assert "Summary" not in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    _assert_nothing_left(*_pid_and_ports(out))
+
+
+async def test_a_sidecar_that_cannot_start_is_reported_with_its_log(tmp_path):
+    """A sidecar that exits at start-up ends the demo's start with its last log lines, and no process left."""
+    config = tmp_path / "sidecar.yaml"
+    config.write_text("listen: 127.0.0.1:0\nbackends: {}\nroutes: []\nnot_a_key: 1\n")
+    with pytest.raises(DemoError, match=r"(?s)did not start.*not_a_key"):
+        async with _sidecar(config, tmp_path / "sidecar.log"):
+            raise AssertionError("started")

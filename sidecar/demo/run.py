@@ -155,6 +155,8 @@ def _intro(timeline: Timeline) -> str:
 async def run_demo(duration_s: float = 60.0, keep: bool = False, console: Console | None = None) -> int:
     console = console or Console()
     timeline = Timeline(duration_s)
+    console.print(_intro(timeline), markup=False, highlight=False, soft_wrap=True)
+    console.print("starting the model servers and the sidecar ...", markup=False)
     folder = Path(tempfile.mkdtemp(prefix="sidecar-demo-"))
     try:
         async with _models() as servers:
@@ -173,7 +175,6 @@ async def run_demo(duration_s: float = 60.0, keep: bool = False, console: Consol
 async def _show(console: Console, timeline: Timeline, servers: dict[str, list[RunningModel]],
                 urls: dict[str, list[str]], config: Path, folder: Path, proc: asyncio.subprocess.Process,
                 proxy: str, admin: str, keep: bool) -> int:
-    console.print(_intro(timeline), markup=False, highlight=False, soft_wrap=True)
     console.print("model servers: " + "; ".join(f"{name} {' '.join(u)}" for name, u in urls.items()),
                   markup=False, highlight=False, soft_wrap=True)
     console.print(f"sidecar: proxy {proxy}, admin {admin} (pid {proc.pid}); config {config}", markup=False,
@@ -189,7 +190,10 @@ async def _show(console: Console, timeline: Timeline, servers: dict[str, list[Ru
             view = Live(live_view(board, traffic.tally), console=console, auto_refresh=False,
                         vertical_overflow="ellipsis") if live else contextlib.nullcontext()
             with view:
-                await _drive(session, board, traffic, timeline, urls, config, admin, proc, view, console)
+                failure = await _drive(session, board, traffic, timeline, urls, config, admin, proc, view, console)
+            if failure:
+                console.print(f"demo failed: {failure}", markup=False, highlight=False, soft_wrap=True)
+                return 1
             console.print(_summary(board, traffic, servers, admin, proxy, folder, keep), markup=False,
                           highlight=False, soft_wrap=True)
             if keep:
@@ -197,6 +201,7 @@ async def _show(console: Console, timeline: Timeline, servers: dict[str, list[Ru
                               "stay up until Ctrl-C.", markup=False)
                 await proc.wait()  # ends by Ctrl-C (cancelling this) or if the sidecar stops on its own
                 console.print(f"the sidecar stopped (exit code {proc.returncode})", markup=False)
+                return 1
         finally:
             traffic.stop()
     return 0
@@ -204,13 +209,14 @@ async def _show(console: Console, timeline: Timeline, servers: dict[str, list[Ru
 
 async def _drive(session: aiohttp.ClientSession, board: Board, traffic: Traffic, timeline: Timeline,
                  urls: dict[str, list[str]], config: Path, admin: str, proc: asyncio.subprocess.Process,
-                 view: Live | contextlib.nullcontext[None], console: Console) -> None:
+                 view: Live | contextlib.nullcontext[None], console: Console) -> str | None:
+    """Poll, draw, and carry out the timeline until the end; -> why the demo failed, or None."""
     reloaded = sale = False
     last_plain = -PLAIN_EVERY_S
     events_printed = 0
     while True:
         if proc.returncode is not None:
-            raise DemoError(f"the sidecar stopped (exit code {proc.returncode}); see its log above")
+            return f"the sidecar stopped (exit code {proc.returncode})"
         elapsed = board.elapsed()
         if not sale and elapsed >= timeline.sale_at_s:
             sale = True
@@ -220,10 +226,15 @@ async def _drive(session: aiohttp.ClientSession, board: Board, traffic: Traffic,
             reloaded = True
             traffic.eu_routed()
             await _write(config, reloaded_config(urls, timeline))
-            async with session.post(admin + "/admin/reload") as r:
-                answer = await r.json()
+            try:
+                async with session.post(admin + "/admin/reload") as r:
+                    answer = await r.json()
+            except (aiohttp.ClientError, TimeoutError) as e:
+                return f"POST /admin/reload failed: {e!r}"
+            if answer.get("result") != "ok":
+                return f"the edited config was refused: {answer}"
             board.event(f"config file edited: route fraud-eu added with a rollout of fraud-v3; "
-                        f"POST /admin/reload -> {answer.get('result')}, version "
+                        f"POST /admin/reload -> {answer['result']}, version "
                         f"{answer.get('previous_version')} -> {answer.get('version')}")
         try:
             board.add(await _read(session, admin))
@@ -239,7 +250,7 @@ async def _drive(session: aiohttp.ClientSession, board: Board, traffic: Traffic,
                 last_plain = board.elapsed()
                 console.print(plain_line(board, traffic.tally), markup=False, highlight=False, soft_wrap=True)
         if _finished(board, elapsed, timeline, reloaded):
-            return
+            return None
         await asyncio.sleep(POLL_S)  # pacing of the view, not synchronisation
 
 
@@ -277,9 +288,9 @@ def _summary(board: Board, traffic: Traffic, servers: dict[str, list[RunningMode
     for ro in board.rollouts():
         d = ro.get("last_decision") or {}
         outcome = {"promoted": "PROMOTED", "rolled_back": "ROLLED BACK"}.get(ro["state"], ro["state"])
-        gate = next((g["gate"] for g in d.get("gates", []) if g.get("verdict") == "fail"), None)
-        caught = f", caught by gate {gate}" if gate else ""
-        lines.append(f"  {ro['route']}: {ro['canary']} {outcome}{caught}: {ro.get('reason') or d.get('reason', '')}")
+        gate = next((g for g in d.get("gates", []) if g.get("verdict") == "fail"), None)
+        why = f", caught by gate {gate['gate']}: {gate['reason']}" if gate else f": {ro.get('reason') or '-'}"
+        lines.append(f"  {ro['route']}: {ro['canary']} {outcome}{why}")
     lines += ["  " + line for line in quality_lines(board, tally)]
     lines.append("events:")
     lines += [f"  {at:5.1f} s  {text}" for at, text in board.events]

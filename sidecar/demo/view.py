@@ -64,6 +64,19 @@ class Reading:
                    if all((k, w) in labels for k, w in match.items()))
 
 
+def _decision(d: dict[str, Any], canary: str) -> str:
+    """A rollout decision in words; `d` is a row of /admin/status's rollout_decisions."""
+    match d["action"]:
+        case "advance":
+            return f"{d['reason']}: {canary} now at {d['canary_weight']} % (step {d['step']})"
+        case "promote":
+            return f"{d['reason']}: {canary} promoted to 100 %"
+        case "rollback":
+            return f"{d['reason']}: {canary} rolled back to 0 %"
+        case action:
+            return f"{action}: {d['reason']}"
+
+
 def _pct(x: float | None, digits: int = 0) -> str:
     return "-" if x is None else f"{100 * x:.{digits}f} %"
 
@@ -99,13 +112,14 @@ class Board:
         self.readings.append(reading)
         while len(self.readings) > 2 and reading.at - self.readings[0].at > RATE_WINDOW_S:
             self.readings.popleft()
+        canaries = {r["name"]: r["rollout"]["canary"] for r in reading.status.get("routes", []) if r.get("rollout")}
         new: list[str] = []
         for d in sorted(reading.status.get("rollout_decisions", []), key=lambda d: d["time"]):
             key = (d["route"], d["time"])
             if key in self._seen_decisions or d["action"] == "extend":
                 continue  # an extended step ("not enough canary requests yet") is shown in the table only
             self._seen_decisions.add(key)
-            new.append(f"rollout {d['route']}: {d['action']} at step {d['step']} ({d['reason']})")
+            new.append(f"rollout {d['route']}: {_decision(d, canaries.get(d['route'], 'the canary'))}")
         for text in new:
             self.event(text)
         return new
@@ -179,8 +193,9 @@ def _weights(effective: dict[str, float]) -> str:
 
 def _rollouts_table(board: Board) -> Table:
     t = Table(title="Rollouts", title_justify="left", expand=True,
-              caption="step: which of the rollout's steps (canary weight) it is at. weights: the route's "
-                      "split now. got: share of the route's answers each backend gave in the last 5 s; "
+              caption="step: the index of the rollout's step, from 0 as the admin API counts, and that "
+                      "step's canary weight. weights: the route's split now. got: share of the route's "
+                      "answers each backend gave in the last 5 s; "
                       f"the split is sticky by x-user-id over {USERS} users, so a user stays on one version "
                       "and the share moves in whole users: 10 % can show as 6 % or 14 %. "
                       "decision: the last judgement of the step's gates.",
@@ -193,7 +208,7 @@ def _rollouts_table(board: Board) -> Table:
         last = ro.get("last_decision") or {}
         steps = ro["steps"]
         t.add_row(route, ro["canary"], Text(ro["state"], style=STATE_STYLE.get(ro["state"], "")),
-                  f"{ro['step'] + 1} of {len(steps)} ({steps[ro['step']]} %)", _weights(ro["effective"]), got,
+                  f"{ro['step']}: {steps[ro['step']]} % of {'/'.join(map(str, steps))}", _weights(ro["effective"]), got,
                   last.get("reason") or "waiting for the first judgement")
     if not t.row_count:
         t.add_row("-", "-", "starting", "-", "-", "-", "-")
@@ -238,7 +253,10 @@ def live_view(board: Board, tally: Tally) -> RenderableType:
     version = "-" if last is None else last.status.get("version", "-")
     header = Text.assemble(
         ("sidecar demo", "bold"), f"  {board.elapsed():.0f} s of {board.timeline.duration_s:.0f} s  ",
-        f"proxy {board.proxy_url}  status page {board.admin_url}/  config version {version}",
+        "(past it: traffic goes on until the rollouts decide)  " if board.elapsed() > board.timeline.duration_s
+        else "",
+        f"proxy {board.proxy_url}  status page {board.admin_url}/  config version {version} (a hash of the "
+        "config: it changes with the reload)",
     )
     events = Text("\n".join(f"{at:5.1f} s  {text}" for at, text in board.events[-EVENTS_SHOWN:]) or "-")
     return Group(header, _backends_table(board), _rollouts_table(board),
@@ -250,7 +268,7 @@ def live_view(board: Board, tally: Tally) -> RenderableType:
 PLAIN_LEGEND: Final = """\
 Each line below is one look at the sidecar's admin API and /metrics:
   req/s      answers per second from each backend over the last 5 s (shadow: copies compared)
-  rollout    route: state, step (1-based) and the canary's weight; the split is sticky by
+  rollout    route: state, step (its index, from 0) and the canary's weight now; the split is sticky by
              x-user-id, so the canary's share of answers moves in whole users, not requests
   agreement  share of mirrored copies whose scores matched the answer the client got
   drifted    backend features whose recent values moved against their own first ones
@@ -262,8 +280,8 @@ def plain_line(board: Board, tally: Tally) -> str:
     if last is None:
         return f"[{board.elapsed():5.1f} s] waiting for the sidecar"
     rates = " ".join(f"{b['name']} {board.backend_rate(b['name']):.1f}" for b in last.status.get("backends", []))
-    rollouts = "; ".join(f"{ro['route']} {ro['state']} step {ro['step'] + 1} ({ro['steps'][ro['step']]} %)"
-                         for ro in board.rollouts())
+    rollouts = "; ".join(f"{ro['route']} {ro['state']} step {ro['step']}, {ro['canary']} at "
+                         f"{_pct(ro['effective'].get(ro['canary']))}" for ro in board.rollouts())
     agreement = ", ".join(_pct(m["agreement"]) for m in last.status.get("mirrors", []))
     drifted = ", ".join(f"{d['backend']} {d['feature']}" for d in last.status.get("drift", [])
                         if d.get("drifted")) or "none"
