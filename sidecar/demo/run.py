@@ -10,7 +10,8 @@ at the end.
 
 The timeline (`scenario.Timeline`): traffic for `duration`; half-way the config file is
 edited (route `fraud-eu` with the bad canary's rollout) and reloaded through
-`POST /admin/reload` (what `sidecar reload` does), and the payments grow larger (drift).
+`POST /admin/reload` (what `sidecar reload` does), and a campaign changes where payments
+come from (drift).
 Past `duration`, traffic goes on while a rollout is still undecided, up to `grace_s`. Then
 the summary; with `keep`, everything stays up until Ctrl-C.
 
@@ -147,7 +148,7 @@ def _intro(timeline: Timeline) -> str:
         f"labels posted to {FEEDBACK} a second later.\n"
         f"  at {timeline.reload_at_s:.0f} s: the config file gets route fraud-eu ({EU_SHARE:.0%} of requests carry "
         f"x-region: eu) with a rollout of fraud-v3 (steps {'/'.join(map(str, BAD_STEPS))} %, same gates), "
-        "and payments grow larger (a sale).\n"
+        "and a marketing campaign starts (payments from other countries).\n"
         "  route chat:   an LLM streaming tokens."
     )
 
@@ -211,17 +212,17 @@ async def _drive(session: aiohttp.ClientSession, board: Board, traffic: Traffic,
                  urls: dict[str, list[str]], config: Path, admin: str, proc: asyncio.subprocess.Process,
                  view: Live | contextlib.nullcontext[None], console: Console) -> str | None:
     """Poll, draw, and carry out the timeline until the end; -> why the demo failed, or None."""
-    reloaded = sale = False
+    reloaded = campaign = False
     last_plain = -PLAIN_EVERY_S
     events_printed = 0
     while True:
         if proc.returncode is not None:
             return f"the sidecar stopped (exit code {proc.returncode})"
         elapsed = board.elapsed()
-        if not sale and elapsed >= timeline.sale_at_s:
-            sale = True
-            traffic.sale()
-            board.event("a sale starts: payments are larger from now on (watch drift)")
+        if not campaign and elapsed >= timeline.campaign_at_s:
+            campaign = True
+            traffic.campaign()
+            board.event("a campaign starts: most payments now come from DE, FR, NL, ES, IT (watch drift)")
         if not reloaded and elapsed >= timeline.reload_at_s:
             reloaded = True
             traffic.eu_routed()

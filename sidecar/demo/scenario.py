@@ -16,8 +16,8 @@ The story:
   starts a rollout of `fraud-v3`, a bad canary (30 % errors, slow). Its gates catch it and
   roll it back.
 - `llm` streams tokens on route `chat`.
-- The clients' payments grow larger after the half-way mark (a sale), so route `fraud`'s
-  drift check (each backend against its own first samples) sees `amount` and `score` move.
+- From the half-way mark a marketing campaign changes where payments come from, so route
+  `fraud`'s drift check (each backend against its own first samples) sees `country` move.
 
 Imports: the standard library and `sidecar.demo.models` only.
 """
@@ -75,8 +75,8 @@ class Timeline:
         return self.duration_s / 2
 
     @property
-    def sale_at_s(self) -> float:
-        """From here the clients' payments grow larger (drift)."""
+    def campaign_at_s(self) -> float:
+        """From here most payments come from other countries (drift)."""
         return self.duration_s / 2
 
     @property
@@ -154,6 +154,7 @@ def initial_config(urls: dict[str, list[str]], timeline: Timeline) -> dict[str, 
                     "window": 300,
                     "features": {
                         "amount": {"from": "request", "path": "$.instances[*].amount"},
+                        "country": {"from": "request", "path": "$.instances[*].country", "kind": "categorical"},
                         "score": {"from": "response", "path": "$.predictions[*]"},
                     },
                     "reference": {"warmup": DRIFT_WARMUP},

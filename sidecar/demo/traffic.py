@@ -12,7 +12,9 @@ tally of what the clients saw. It knows the sidecar only by its URL, as any clie
   v1's own score (a calibrated model: a payment scored 0.3 is fraud 30 % of the time), so
   the live accuracy is what a calibrated scorer earns. Requests routed to `fraud-eu` (after
   the reload) are not labelled: that route keeps no feedback.
-- From `sale()` on, payments are larger (`make_instances(drift=...)`): the drift check sees it.
+- From `campaign()` on, most payments come from `CAMPAIGN_COUNTRIES`: the drift
+  check sees the country mix move, while scores and accuracy hardly change (the model
+  weighs these countries about as it weighs the usual mix).
 
 Imports: the standard library, aiohttp, numpy, orjson, `sidecar.demo.models` and
 `sidecar.demo.scenario`.
@@ -38,7 +40,8 @@ LABEL_DELAY_S: Final = 1.0  # a label is posted this long after its answer
 LABEL_BATCH: Final = 500  # labels per feedback post (the sidecar takes up to 1000)
 MAX_WAITING_LABELS: Final = 20_000  # bounded: past it the oldest labels are never posted
 CHAT_EVERY_S: Final = 2.0
-SALE_DRIFT: Final = 0.8  # log-mean shift of the payment amounts during the sale
+CAMPAIGN_COUNTRIES: Final = ("DE", "FR", "NL", "ES", "IT")
+CAMPAIGN_SHARE: Final = 0.7  # share of payments during the campaign that come from CAMPAIGN_COUNTRIES
 REQUEST_TIMEOUT: Final = aiohttp.ClientTimeout(total=10, sock_connect=2)
 _JSON: Final = {"content-type": "application/json"}
 
@@ -74,14 +77,14 @@ class Traffic:
         self.tally = Tally()
         self._rng = np.random.default_rng(seed)
         self._stopping = asyncio.Event()
-        self._drift = 0.0
+        self._campaign = False
         self._eu_routed = False
         self._labels: deque[tuple[float, str, int]] = deque(maxlen=MAX_WAITING_LABELS)  # (due, id, label)
         self._next_send = 0.0
 
-    def sale(self) -> None:
-        """From now on payments are larger."""
-        self._drift = SALE_DRIFT
+    def campaign(self) -> None:
+        """From now on most payments come from CAMPAIGN_COUNTRIES."""
+        self._campaign = True
 
     def eu_routed(self) -> None:
         """Called as the config with route `fraud-eu` goes in: its requests get no labels."""
@@ -119,7 +122,9 @@ class Traffic:
             await self._one_request(session)
 
     async def _one_request(self, session: aiohttp.ClientSession) -> None:
-        instances = make_instances(1, self._rng, drift=self._drift)
+        instances = make_instances(1, self._rng)
+        if self._campaign and self._rng.random() < CAMPAIGN_SHARE:
+            instances[0]["country"] = CAMPAIGN_COUNTRIES[int(self._rng.integers(len(CAMPAIGN_COUNTRIES)))]
         eu = bool(self._rng.random() < EU_SHARE)
         headers = {**_JSON, USER_HEADER: f"user-{int(self._rng.integers(USERS))}"}
         if eu:

@@ -235,8 +235,8 @@ def quality_lines(board: Board, tally: Tally) -> list[str]:
     judged = [d for d in status.get("drift", []) if d.get("status") not in ("pending", None)]
     lines.append(f"drift: {'DRIFTED: ' + ', '.join(drifted) if drifted else 'none'} "
                  f"({len(judged)} of {len(status.get('drift', []))} backend features judged; each backend's "
-                 "recent payloads and scores against its own first ones: a test (KS) and a size (PSI) must both "
-                 "say it moved)")
+                 "recent payloads and scores against its own first ones: a test (KS for numbers, chi-square for "
+                 "categories) and a size (PSI) must both say it moved)")
     acc = [f"{f['backend']} {f['value']:.1%} of {f['count']}" for f in status.get("feedback", [])
            if f.get("value") is not None]
     lines.append(f"live accuracy: {', '.join(acc) or 'waiting for labels'} (labels posted "
