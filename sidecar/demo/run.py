@@ -46,7 +46,7 @@ from sidecar.demo.scenario import (
     FEEDBACK,
     GOOD_STEPS,
     MAX_ERROR_RATE,
-    MAX_P99,
+    MAX_P99_RATIO,
     MIN_REQUESTS,
     MODELS,
     PREDICT,
@@ -111,8 +111,7 @@ async def _sidecar(config: Path, log: Path) -> AsyncIterator[tuple[asyncio.subpr
         deadline = time.monotonic() + START_TIMEOUT_S
         while (found := _SERVING.search(await asyncio.to_thread(log.read_text))) is None:
             if proc.returncode is not None or time.monotonic() > deadline:
-                tail = "\n".join((await asyncio.to_thread(log.read_text)).splitlines()[-10:])
-                raise DemoError(f"the sidecar did not start (exit code {proc.returncode}):\n{tail}")
+                raise DemoError(f"the sidecar did not start (exit code {proc.returncode}):\n{await _tail(log)}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), 0.05)  # a bounded look at the log, 20 times a second
         yield proc, f"http://127.0.0.1:{found[1]}", f"http://127.0.0.1:{found[2]}"
@@ -124,6 +123,12 @@ async def _sidecar(config: Path, log: Path) -> AsyncIterator[tuple[asyncio.subpr
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+
+
+async def _tail(log: Path, lines: int = 10) -> str:
+    """The last lines of the sidecar's log, for a failure report."""
+    text = await asyncio.to_thread(log.read_text, errors="replace")
+    return "\n".join(text.splitlines()[-lines:])
 
 
 async def _read(session: aiohttp.ClientSession, admin: str) -> Reading:
@@ -143,7 +148,7 @@ def _intro(timeline: Timeline) -> str:
         "  route fraud:  fraud-v1 (stable, 3 replicas, one flaky) -> rollout of fraud-v2, "
         f"steps {'/'.join(map(str, GOOD_STEPS))} %, each judged every {timeline.interval_s} s on "
         f"its own traffic: at least {MIN_REQUESTS} canary requests, failed tries <= {MAX_ERROR_RATE:.0%}, "
-        f"p99 <= {MAX_P99};\n"
+        f"p99 <= {MAX_P99_RATIO:g} x fraud-v1's;\n"
         f"                half the requests copied to fraud-shadow and compared; drift checked; "
         f"labels posted to {FEEDBACK} a second later.\n"
         f"  at {timeline.reload_at_s:.0f} s: the config file gets route fraud-eu ({EU_SHARE:.0%} of requests carry "
@@ -193,7 +198,8 @@ async def _show(console: Console, timeline: Timeline, servers: dict[str, list[Ru
             with view:
                 failure = await _drive(session, board, traffic, timeline, urls, config, admin, proc, view, console)
             if failure:
-                console.print(f"demo failed: {failure}", markup=False, highlight=False, soft_wrap=True)
+                console.print(f"demo failed: {failure}; the sidecar's log ends:\n{await _tail(folder / 'sidecar.log')}",
+                              markup=False, highlight=False, soft_wrap=True)
                 return 1
             console.print(_summary(board, traffic, servers, admin, proxy, folder, keep), markup=False,
                           highlight=False, soft_wrap=True)

@@ -13,7 +13,7 @@ The story:
 - `fraud-shadow` gets a copy of half of route `fraud`'s requests and disagrees on about 10 %
   of answers: the mirror's agreement shows it, the clients never see it.
 - Half-way the config file is edited: a route `fraud-eu` (requests with `x-region: eu`)
-  starts a rollout of `fraud-v3`, a bad canary (30 % errors, slow). Its gates catch it and
+  starts a rollout of `fraud-v3`, a bad canary (40 % errors, slow). Its gates catch it and
   roll it back.
 - `llm` streams tokens on route `chat`.
 - From the half-way mark a marketing campaign changes where payments come from, so route
@@ -39,8 +39,11 @@ EU_SHARE: Final = 0.4  # share of fraud requests with x-region: eu
 MIRROR_PERCENT: Final = 50
 DISAGREE_SHARE: Final = 0.1
 MIN_REQUESTS: Final = 15  # canary requests a rollout step needs before it is judged (demo scale)
-MAX_ERROR_RATE: Final = 0.05
-MAX_P99: Final = "500ms"
+# The gates. Relative latency, not an absolute p99: a busy machine stalls canary and baseline
+# alike, and a dozen canary latencies make a p99 that one stall decides. Absolute limits
+# would roll the good canary back on a loaded laptop or CI runner.
+MAX_ERROR_RATE: Final = 0.1
+MAX_P99_RATIO: Final = 3.0
 GOOD_STEPS: Final = (10, 25, 50, 100)
 BAD_STEPS: Final = (20, 50, 100)
 DRIFT_WARMUP: Final = 150  # each backend's first samples: its drift reference
@@ -53,7 +56,7 @@ MODELS: Final[dict[str, tuple[ModelSpec, ...]]] = {
         ModelSpec("fraud", "1", latency_s=0.006, error_rate=0.3, seed=13),  # the flaky replica
     ),
     "fraud-v2": (ModelSpec("fraud", "2", latency_s=0.003, seed=21),),
-    "fraud-v3": (ModelSpec("fraud", "3", shift=-1.0, latency_s=0.04, error_rate=0.3, seed=31),),
+    "fraud-v3": (ModelSpec("fraud", "3", shift=-1.0, latency_s=0.04, error_rate=0.4, seed=31),),
     "fraud-shadow": (ModelSpec("fraud", "2-exp", disagree_share=DISAGREE_SHARE, latency_s=0.004, seed=41),),
     "llm": (ModelSpec("chat", "llm-1", latency_s=0.05, token_delay_s=0.04, seed=51),),
 }
@@ -97,14 +100,14 @@ def _rollout(canary: str, steps: tuple[int, ...], timeline: Timeline) -> dict[st
         "steps": list(steps),
         "interval": f"{timeline.interval_s}s",
         "min_requests": MIN_REQUESTS,
-        "gates": {"max_error_rate": MAX_ERROR_RATE, "max_p99": MAX_P99},
+        "gates": {"max_error_rate": MAX_ERROR_RATE, "max_p99_ratio": MAX_P99_RATIO},
         "progress_deadline": f"{max(30.0, timeline.duration_s)}s",
     }
 
 
 _RETRY: Final = {
     "attempts": 2,
-    "per_try_timeout": "1s",
+    "per_try_timeout": "2s",  # a try past it counts as failed: generous, for busy machines
     "on": ["connect-error", "reset", "timeout", "5xx"],
     "backoff": {"base": "5ms", "max": "50ms"},
     "budget": 0.2,
@@ -138,7 +141,7 @@ def initial_config(urls: dict[str, list[str]], timeline: Timeline) -> dict[str, 
                 "match": {"path_prefix": "/v1/models/fraud", "methods": ["POST"]},
                 "split": {"fraud-v1": 100, "fraud-v2": 0},
                 "sticky": {"header": USER_HEADER},
-                "timeout": "3s",
+                "timeout": "5s",
                 "retry": _RETRY,
                 "fallback": _FALLBACK,
                 "mirror": [
@@ -182,7 +185,7 @@ def reloaded_config(urls: dict[str, list[str]], timeline: Timeline) -> dict[str,
         "match": {"path_prefix": "/v1/models/fraud", "methods": ["POST"], "headers": {REGION_HEADER: "eu"}},
         "split": {"fraud-v1": 100, "fraud-v3": 0},
         "sticky": {"header": USER_HEADER},
-        "timeout": "3s",
+        "timeout": "5s",
         "retry": _RETRY,
         "fallback": _FALLBACK,
         "rollout": _rollout("fraud-v3", BAD_STEPS, timeline),

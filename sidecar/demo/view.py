@@ -32,7 +32,7 @@ EVENTS_SHOWN: Final = 8
 BACKEND_NOTES: Final = {
     "fraud-v1": "v1 stable, 3 replicas (r3 flaky: 30 % errors)",
     "fraud-v2": "v2 good canary (same scores, faster)",
-    "fraud-v3": "v3 bad canary (30 % errors, slow)",
+    "fraud-v3": "v3 bad canary (40 % errors, slow)",
     "fraud-shadow": f"shadow: gets {MIRROR_PERCENT} % copies, disagrees on ~10 %",
     "llm": "LLM, streams tokens",
 }
