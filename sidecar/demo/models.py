@@ -142,7 +142,7 @@ def _parse_instances(instances: object) -> tuple[FloatArray, FloatArray, IntArra
 def _disagrees(amount: FloatArray, share: float) -> NDArray[np.bool_]:
     """The instances a model with `disagree_share` scores differently: chosen by the amount's
     cents, so the same instance is always chosen (or never) and about `share` of them are."""
-    cents = np.floor(np.round(amount * 100.0)) % 100.0
+    cents = np.round(amount * 100.0) % 100.0
     chosen: NDArray[np.bool_] = cents < share * 100.0
     return chosen
 

@@ -56,7 +56,7 @@ MODELS: Final[dict[str, tuple[ModelSpec, ...]]] = {
         ModelSpec("fraud", "1", latency_s=0.006, error_rate=0.3, seed=13),  # the flaky replica
     ),
     "fraud-v2": (ModelSpec("fraud", "2", latency_s=0.003, seed=21),),
-    "fraud-v3": (ModelSpec("fraud", "3", shift=-1.0, latency_s=0.04, error_rate=0.4, seed=31),),
+    "fraud-v3": (ModelSpec("fraud", "3", latency_s=0.04, error_rate=0.4, seed=31),),
     "fraud-shadow": (ModelSpec("fraud", "2-exp", disagree_share=DISAGREE_SHARE, latency_s=0.004, seed=41),),
     "llm": (ModelSpec("chat", "llm-1", latency_s=0.05, token_delay_s=0.04, seed=51),),
 }

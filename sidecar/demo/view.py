@@ -93,6 +93,7 @@ class Board:
     proxy_url: str
     admin_url: str
     started: float = field(default_factory=time.monotonic)
+    started_wall: float = field(default_factory=time.time)  # the admin API's decision times are wall-clock
     readings: deque[Reading] = field(default_factory=deque)
     events: list[tuple[float, str]] = field(default_factory=list)
     _seen_decisions: set[tuple[str, float]] = field(default_factory=set)
@@ -104,8 +105,9 @@ class Board:
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
-    def event(self, text: str) -> None:
-        self.events.append((self.elapsed(), text))
+    def event(self, text: str, wall_time: float | None = None) -> None:
+        at = self.elapsed() if wall_time is None else max(0.0, wall_time - self.started_wall)
+        self.events.append((at, text))
 
     def add(self, reading: Reading) -> list[str]:
         """Keep the reading; return the events it brought (new rollout decisions)."""
@@ -120,8 +122,7 @@ class Board:
                 continue  # an extended step ("not enough canary requests yet") is shown in the table only
             self._seen_decisions.add(key)
             new.append(f"rollout {d['route']}: {_decision(d, canaries.get(d['route'], 'the canary'))}")
-        for text in new:
-            self.event(text)
+            self.event(new[-1], d["time"])
         return new
 
     def rate(self, name: str, **match: str) -> float:
