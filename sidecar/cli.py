@@ -152,10 +152,25 @@ def _run_loop(coro: object) -> int:
         return int(runner.run(coro))  # type: ignore[arg-type]
 
 
+def _demo_duration(text: str) -> float:
+    from sidecar.config.model import parse_duration
+
+    try:
+        seconds = float(parse_duration(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if seconds < 10:
+        raise argparse.ArgumentTypeError(f"{text!r}: the demo needs at least 10s (two rollouts and a reload)")
+    return seconds
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from sidecar.demo.run import run_demo
 
-    return _run_loop(run_demo(seconds=args.seconds, keep=args.keep))
+    try:
+        return _run_loop(run_demo(duration_s=args.duration, keep=args.keep))
+    except KeyboardInterrupt:  # Ctrl-C: everything was stopped before this
+        return 0 if args.keep else 130
 
 
 def cmd_reference(args: argparse.Namespace) -> int:
@@ -374,8 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     ref.set_defaults(func=cmd_reference)
 
     demo = sub.add_parser("demo", help="start example model servers and the sidecar, drive traffic, show it")
-    demo.add_argument("--seconds", type=float, default=8.0, help="how long the clients send traffic (default 8)")
-    demo.add_argument("--keep", action="store_true", help="keep serving afterwards (open the status page)")
+    demo.add_argument("--duration", type=_demo_duration, default=60.0, metavar="DURATION",
+                      help="how long the clients send traffic, e.g. 60s or 2m (default 60s; at least 10s)")
+    demo.add_argument("--keep", action="store_true",
+                      help="keep everything up afterwards, for `sidecar status` and the status page, until Ctrl-C")
     demo.set_defaults(func=cmd_demo)
 
     client = argparse.ArgumentParser(add_help=False)

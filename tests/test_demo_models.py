@@ -220,3 +220,15 @@ def test_make_instances_is_seeded_and_drifts() -> None:
     drifted = make_instances(500, np.random.default_rng(7), drift=1.0)
     assert np.median([i["amount"] for i in drifted]) > np.median([i["amount"] for i in a])
     assert score_instances(a)  # the generator's output is valid model input
+
+
+def test_a_disagreeing_model_differs_on_a_stable_share_of_instances() -> None:
+    """A shadow with disagree_share 0.1 scores about 10 % of payments higher, the same ones every time."""
+    instances = make_instances(4000, np.random.default_rng(7))
+    plain = np.array(score_instances(instances))
+    shadow = np.array(score_instances(instances, disagree_share=0.1))
+    differs = shadow > plain + 0.02
+    assert 0.08 < differs.mean() < 0.12
+    assert np.all(shadow >= plain)
+    again = np.array(score_instances(instances, disagree_share=0.1))
+    assert np.array_equal(shadow, again)

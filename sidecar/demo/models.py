@@ -3,7 +3,8 @@
 What this module owns:
 
 - `ModelSpec`: what one fake model does: its name and version, a `shift` added to its
-  logit (so a canary's scores drift), and injected latency, errors and hangs.
+  logit (so a canary's scores drift), a `disagree_share` of instances it scores
+  differently (a shadow that disagrees now and then), and injected latency, errors and hangs.
 - `make_model_app(spec)`: an aiohttp app answering like TF-Serving and like an OpenAI-style
   LLM server:
     POST /v1/models/{name}:predict   {"instances": [...]} -> {"predictions": [...], "model", "version"}
@@ -73,6 +74,7 @@ _W_AGE: Final = -0.35  # per 15 years above 40
 _W_COUNTRY: Final = np.array([0.0, 0.1, -0.2, 0.0, -0.1, 0.2, 0.15, 0.3, 0.8, 0.6, 1.2, 0.5])
 _DEFAULT_AGE: Final = 40.0
 _LOGIT_CLIP: Final = 40.0  # keeps np.exp finite: no overflow warning on absurd inputs
+DISAGREE_SHIFT: Final = 1.5  # added to the logit of the instances a `disagree_share` picks
 
 MAX_INSTANCES: Final = 10_000
 MAX_AMOUNT: Final = 1e12
@@ -137,7 +139,17 @@ def _parse_instances(instances: object) -> tuple[FloatArray, FloatArray, IntArra
     return amount, age, country
 
 
-def _fraud_scores(amount: FloatArray, age: FloatArray, country: IntArray, shift: float) -> FloatArray:
+def _disagrees(amount: FloatArray, share: float) -> NDArray[np.bool_]:
+    """The instances a model with `disagree_share` scores differently: chosen by the amount's
+    cents, so the same instance is always chosen (or never) and about `share` of them are."""
+    cents = np.round(amount * 100.0) % 100.0
+    chosen: NDArray[np.bool_] = cents < share * 100.0
+    return chosen
+
+
+def _fraud_scores(
+    amount: FloatArray, age: FloatArray, country: IntArray, shift: float, disagree_share: float = 0.0
+) -> FloatArray:
     logit = (
         _INTERCEPT
         + _W_LOG_AMOUNT * (np.log1p(amount) - _LOG_AMOUNT_REF)
@@ -145,15 +157,17 @@ def _fraud_scores(amount: FloatArray, age: FloatArray, country: IntArray, shift:
         + _W_COUNTRY[country]
         + shift
     )
+    if disagree_share > 0:
+        logit = logit + DISAGREE_SHIFT * _disagrees(amount, disagree_share)
     clipped = np.clip(logit, -_LOGIT_CLIP, _LOGIT_CLIP)
     scores: FloatArray = 1.0 / (1.0 + np.exp(-clipped))
     return scores
 
 
-def score_instances(instances: object, shift: float = 0.0) -> list[float]:
+def score_instances(instances: object, shift: float = 0.0, disagree_share: float = 0.0) -> list[float]:
     """What the model answers for these instances (raises BadInput like the server's 400)."""
     amount, age, country = _parse_instances(instances)
-    scores: list[float] = _fraud_scores(amount, age, country, shift).tolist()
+    scores: list[float] = _fraud_scores(amount, age, country, shift, disagree_share).tolist()
     return scores
 
 
@@ -192,6 +206,7 @@ class ModelSpec:
     name: str
     version: str
     shift: float = 0.0  # added to the logit: a canary with shift > 0 scores higher
+    disagree_share: float = 0.0  # share of instances (picked by their amount's cents) scored DISAGREE_SHIFT higher
     latency_s: float = 0.002  # mean; lognormal jitter (sigma 0.5) around it
     error_rate: float = 0.0  # share of model calls answered 503
     hang_rate: float = 0.0  # share of model calls never answered (until stop or client leaves)
@@ -289,7 +304,7 @@ async def _predict(request: web.Request) -> web.StreamResponse:
             return _abort(request)
         case "error":
             return _json(503, {"error": "injected failure"}, _version_headers(spec))
-    scores = _fraud_scores(amount, age, country, spec.shift)
+    scores = _fraud_scores(amount, age, country, spec.shift, spec.disagree_share)
     return _json(
         200,
         {"predictions": scores.tolist(), "model": spec.name, "version": spec.version},

@@ -1,236 +1,317 @@
-"""`sidecar demo`: bundled example models, the sidecar in front of them, live traffic.
+"""`sidecar demo`: the example models, a real `sidecar run` in front of them, clients, and a
+live view of what the sidecar does, read from its admin API and /metrics.
 
-Starts four example model servers on loopback ports: a fraud scorer `stable` (v1), a
-`canary` (v2) whose scores run higher and which fails 3% of its calls, a `candidate` (v3)
-that only ever sees mirrored traffic, and an LLM-style server that streams tokens. The
-sidecar runs in this process with a 90/10 sticky canary split, retries and a fallback,
-a 50% shadow of the candidate with answer comparison, payload sampling with drift against
-stable, and a streaming route. Clients drive traffic for a few seconds; then the demo flips
-the route blue-green through the admin API and prints, section by section, what the
-sidecar saw. Needs nothing but the installed package; binds only 127.0.0.1.
+Owns the run's lifetime and everything it starts: the model servers (in this process, on
+127.0.0.1 ephemeral ports), the sidecar (a child process `python -m sidecar run -c FILE`
+in its own session, so a Ctrl-C reaches the demo, which stops it), the clients
+(`traffic.Traffic`) and the view's polling. All of it is stopped on every way out: the end,
+Ctrl-C, an error. The config file and the sidecar's log live in a temporary folder, removed
+at the end.
 
-Imports: stdlib, aiohttp, numpy, orjson, yaml, sidecar (public entry points).
+The timeline (`scenario.Timeline`): traffic for `duration`; half-way the config file is
+edited (route `fraud-eu` with the bad canary's rollout) and reloaded through
+`POST /admin/reload` (what `sidecar reload` does), and a campaign changes where payments
+come from (drift).
+Past `duration`, traffic goes on while a rollout is still undecided, up to `grace_s`. Then
+the summary; with `keep`, everything stays up until Ctrl-C.
+
+Imports: the standard library, aiohttp, yaml, rich, `sidecar.demo.*`. Never the sidecar's
+shell: the demo is a client of the product.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
 import time
-from collections import Counter
-from typing import Any
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Final
 
 import aiohttp
-import numpy as np
-import orjson
 import yaml
+from rich.console import Console
+from rich.live import Live
 
-from sidecar.config.load import LoadedConfig, config_version, parse_config
-from sidecar.demo.models import ModelSpec, RunningModel, make_instances, start_model_server
-from sidecar.shell.server import Sidecar
+from sidecar.demo.models import RunningModel, start_model_server
+from sidecar.demo.scenario import (
+    BAD_STEPS,
+    EU_SHARE,
+    FEEDBACK,
+    GOOD_STEPS,
+    MAX_ERROR_RATE,
+    MAX_P99_RATIO,
+    MIN_REQUESTS,
+    MODELS,
+    PREDICT,
+    Timeline,
+    initial_config,
+    reloaded_config,
+)
+from sidecar.demo.traffic import Traffic
+from sidecar.demo.view import PLAIN_LEGEND, Board, Reading, live_view, parse_metrics, plain_line, quality_lines
 
-CLIENTS = 8
-PREDICT = "/v1/models/fraud:predict"
-
-
-def demo_config(stable: str, canary: str, candidate: str, llm: str) -> dict[str, Any]:
-    return {
-        "listen": "127.0.0.1:0",
-        "admin": {"listen": "127.0.0.1:0"},
-        "access_log": False,
-        "drain": {"delay": 0, "grace": 5},
-        "backends": {
-            "stable": {"url": stable, "timeout": "2s",
-                       "circuit_breaker": {"consecutive_failures": 5, "open_for": "10s"}},
-            "canary": {"url": canary, "timeout": "2s",
-                       "circuit_breaker": {"consecutive_failures": 5, "open_for": "10s"}},
-            "candidate": {"url": candidate, "timeout": "2s",
-                          "circuit_breaker": {"consecutive_failures": 5, "open_for": "10s"}},
-            "llm": {"url": llm, "timeout": "10s"},
-        },
-        "routes": [
-            {
-                "name": "fraud",
-                "match": {"path_prefix": "/v1/models/fraud", "methods": ["POST", "GET"]},
-                "split": {"stable": 90, "canary": 10},
-                "sticky": {"header": "x-user-id"},
-                "override_header": "x-sidecar-backend",
-                "timeout": "3s",
-                "retry": {"attempts": 2, "per_try_timeout": "1s", "on": ["connect-error", "reset", "timeout", "5xx"],
-                          "budget": 0.2},
-                "fallback": [{"response": {"status": 200, "json": {"predictions": [], "fallback": True}}}],
-                "mirror": [{"backend": "candidate", "percent": 50, "max_inflight": 64,
-                            "compare": {"path": "$.predictions[*]", "tolerance": 0.02}}],
-                "monitor": {
-                    "sample": 1.0,
-                    "features": {
-                        "amount": {"from": "request", "path": "$.instances[*].amount"},
-                        "country": {"from": "request", "path": "$.instances[*].country", "kind": "categorical"},
-                        "score": {"from": "response", "path": "$.predictions[*]"},
-                    },
-                    "reference": {"backend": "stable"},
-                    "drift": {"min_samples": 100, "every": "1s"},
-                },
-            },
-            {"name": "llm", "match": {"path_prefix": "/v1/chat"}, "split": {"llm": 1}, "timeout": "10s"},
-        ],
-    }
+RATE: Final = 60.0  # fraud requests per second (the machine may be small and busy)
+POLL_S: Final = 1.0
+PLAIN_EVERY_S: Final = 2.0
+START_TIMEOUT_S: Final = 30.0
+STOP_TIMEOUT_S: Final = 10.0
+ADMIN_TIMEOUT: Final = aiohttp.ClientTimeout(total=5)
+_SERVING: Final = re.compile(r"serving on [^ ]+:(\d+), admin on [^ ]+:(\d+)")
+DONE_STATES: Final = frozenset({"promoted", "rolled_back", "paused"})
 
 
-class Tally:
-    """What the clients saw."""
-
-    def __init__(self) -> None:
-        self.backends: Counter[str] = Counter()
-        self.statuses: Counter[int] = Counter()
-        self.retried = 0
-        self.latencies: list[float] = []
+class DemoError(Exception):
+    """The demo could not run (the sidecar did not start, or stopped)."""
 
 
-async def _drive(url: str, seconds: float, tally: Tally) -> None:
-    async def one_client(i: int) -> None:
-        rng = np.random.default_rng(i)
-        deadline = time.monotonic() + seconds
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-            while time.monotonic() < deadline:
-                body = orjson.dumps({"instances": make_instances(4, rng)})
-                headers = {"content-type": "application/json"}
-                if i % 2:  # half the clients are logged-in users: sticky
-                    headers["x-user-id"] = f"user-{int(rng.integers(0, 50))}"
-                t0 = time.perf_counter()
-                try:
-                    async with session.post(url + PREDICT, data=body, headers=headers) as r:
-                        await r.read()
-                        tally.statuses[r.status] += 1
-                        tally.backends[r.headers.get("x-sidecar-backend", "(sidecar)")] += 1
-                        tally.retried += r.headers.get("x-sidecar-attempts", "1") != "1"
-                except aiohttp.ClientError:
-                    tally.statuses[0] += 1
-                tally.latencies.append(time.perf_counter() - t0)
+async def _write(path: Path, cfg: dict[str, Any]) -> None:
+    """Write the config file whole, then swap it in (a watcher never reads half a file)."""
+    text = "# written by `sidecar demo`\n" + yaml.safe_dump(cfg, sort_keys=False)
 
-    async with asyncio.TaskGroup() as tg:
-        for i in range(CLIENTS):
-            tg.create_task(one_client(i))
+    def write() -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+    await asyncio.to_thread(write)
 
 
-async def _stream_tokens(url: str) -> list[tuple[float, str]]:
-    """One streamed chat completion; when each token arrived."""
-    got: list[tuple[float, str]] = []
-    body = {"model": "demo", "stream": True, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
-    async with aiohttp.ClientSession() as s, s.post(url + "/v1/chat/completions", json=body) as r:
-        t0 = time.perf_counter()
-        async for line in r.content:
-            text = line.decode().strip()
-            if text.startswith("data: {"):
-                delta = orjson.loads(text[6:])["choices"][0]["delta"].get("content", "")
-                got.append((time.perf_counter() - t0, delta))
-    return got
-
-
-async def _admin(url: str, method: str = "GET", body: Any = None) -> Any:
-    async with aiohttp.ClientSession() as s, s.request(method, url, json=body) as r:
-        return await r.json() if r.content_type == "application/json" else await r.text()
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, list):
-        return "[" + ", ".join(_short(v) for v in value) + "]"
-    return f"{value:.3f}" if isinstance(value, float) else repr(value)
-
-
-def _section(title: str) -> None:
-    print(f"\n== {title} " + "=" * max(0, 70 - len(title)))
-
-
-async def run_demo(seconds: float = 8.0, keep: bool = False) -> int:
-    specs = {
-        "stable": ModelSpec(name="fraud", version="v1", latency_s=0.003, seed=1),
-        "canary": ModelSpec(name="fraud", version="v2", shift=0.6, latency_s=0.004, error_rate=0.03, seed=2),
-        "candidate": ModelSpec(name="fraud", version="v3", shift=0.05, latency_s=0.003, seed=3),
-        "llm": ModelSpec(name="chat", version="llm-1", token_delay_s=0.05, seed=4),
-    }
-    models: dict[str, RunningModel] = {}
-    for name, spec in specs.items():
-        models[name] = await start_model_server(spec)
-    cfg, _ = parse_config(yaml.safe_dump(demo_config(*(m.url for m in models.values()))), env={})
-    sidecar = Sidecar(LoadedConfig(cfg, config_version(cfg), None))
-    served = asyncio.ensure_future(sidecar.run())
+@contextlib.asynccontextmanager
+async def _models() -> AsyncIterator[dict[str, list[RunningModel]]]:
+    servers: dict[str, list[RunningModel]] = {}
     try:
-        await asyncio.wait_for(sidecar.ready.wait(), 10)
-        admin = sidecar.admin_url
-        print("model servers: " + ", ".join(f"{n} {m.url}" for n, m in models.items()))
-        print(f"sidecar: proxy {sidecar.proxy_url}  admin {admin}  (status page {admin}/)")
-        print(f"route fraud: stable=90 canary=10 sticky by x-user-id; canary fails 3% of calls and scores higher;\n"
-              f"  retries, a fallback, 50% mirrored to candidate, every payload sampled for drift.\n"
-              f"{CLIENTS} clients for {seconds:g}s ...")
-        tally = Tally()
-        await _drive(sidecar.proxy_url, seconds, tally)
-        await asyncio.sleep(1.5)  # one more drift pass and the last mirrors
-
-        _section("traffic: the canary split")
-        total = sum(tally.backends.values())
-        print(f"{'backend':<12} {'answered':>9} {'share':>7} {'model saw':>10}")
-        for name in ("stable", "canary"):
-            print(f"{name:<12} {tally.backends[name]:>9} {tally.backends[name] / max(total, 1):>7.1%}"
-                  f" {models[name].requests:>10}")
-        lat = np.array(tally.latencies) * 1000
-        print(f"clients: {total} requests, status {dict(tally.statuses)}, "
-              f"p50 {np.percentile(lat, 50):.2f} ms, p99 {np.percentile(lat, 99):.2f} ms")
-
-        _section("resilience: the canary's 503s never reached a client")
-        metrics = await _admin(admin + "/metrics")
-        retries = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-                      if line.startswith("sidecar_retries_total{"))
-        failed = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-                     if line.startswith("sidecar_upstream_attempts_total{") and 'outcome="5xx"' in line)
-        print(f"upstream tries that failed: {failed:.0f}; retried on another backend: {retries:.0f}; "
-              f"client answers after a retry: {tally.retried}; client errors: "
-              f"{sum(n for s, n in tally.statuses.items() if s >= 500 or s == 0)}")
-
-        _section("shadow: candidate v3 compared with what clients got")
-        for m in (await _admin(admin + "/admin/mirrors"))["mirrors"]:
-            ratio = m["agreement"]
-            print(f"{m['route']} -> {m['backend']}: sent {m['sent']}, dropped {m['dropped']}, "
-                  f"agreement {'-' if ratio is None else f'{ratio:.1%}'}")
-            for d in m["disagreements"][:2]:
-                print(f"  disagreed on {d['request_id']}: {d['path']} "
-                      f"primary={_short(d['primary'])} shadow={_short(d['shadow'])}")
-
-        _section("drift: each backend's payloads against stable's")
-        drift = await _admin(admin + "/admin/drift")
-        for route in drift["routes"]:
-            for f in route["features"]:
-                p, psi = f["p_value"], f["psi"]
-                verdict = "DRIFTED" if f["drifted"] else ("ok" if f["drifted"] is False else f["status"])
-                print(f"{f['backend']:<8} {f['feature']:<8} {f.get('test') or '-':<5} "
-                      f"p={'-' if p is None else f'{p:.2g}':<8} psi={'-' if psi is None else f'{psi:.3f}':<7} "
-                      f"n={f['n_cur']:<5} {verdict}")
-
-        _section("streaming: an LLM's tokens arrive as they are made")
-        tokens = await _stream_tokens(sidecar.proxy_url)
-        print("  " + "  ".join(f"{t * 1000:.0f}ms:{tok.strip()}" for t, tok in tokens))
-
-        _section("blue-green: flip the route through the admin API")
-        flipped = await _admin(admin + "/admin/routes/fraud/weights", "PUT", {"stable": 0, "canary": 100})
-        print(f"PUT weights stable=0 canary=100 -> effective {flipped['effective']}")
-        seen: Counter[str] = Counter()
-        async with aiohttp.ClientSession() as s:
-            for _ in range(50):
-                async with s.post(sidecar.proxy_url + PREDICT, json={"instances": [{"amount": 10.0}]}) as r:
-                    seen[r.headers.get("x-sidecar-backend", "?")] += 1
-        print(f"next 50 requests answered by: {dict(seen)}")
-        await _admin(admin + "/admin/routes/fraud/weights", "DELETE")
-        print("DELETE weights -> back to the configured 90/10")
-
-        if keep:
-            print(f"\nstill serving: status page {admin}/ , proxy {sidecar.proxy_url} (Ctrl-C to stop)")
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.Event().wait()
-        errors = sum(n for s, n in tally.statuses.items() if s >= 500 or s == 0)
-        return 0 if total and not errors else 1
+        for name, specs in MODELS.items():
+            servers[name] = []
+            for spec in specs:
+                servers[name].append(await start_model_server(spec))
+        yield servers
     finally:
-        sidecar.request_stop()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(served, 10)
-        for m in models.values():
-            await m.stop()
+        for running in servers.values():
+            for model in running:
+                await model.stop()
+
+
+@contextlib.asynccontextmanager
+async def _sidecar(config: Path, log: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, str]]:
+    """`sidecar run -c config`, its stderr into `log`; yields (process, proxy URL, admin URL)."""
+    with log.open("wb") as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sidecar", "run", "-c", str(config),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=log_file,
+            start_new_session=True,  # Ctrl-C goes to the demo only; the demo stops the sidecar
+        )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while (found := _SERVING.search(await asyncio.to_thread(log.read_text))) is None:
+            if proc.returncode is not None or time.monotonic() > deadline:
+                raise DemoError(f"the sidecar did not start (exit code {proc.returncode}):\n{await _tail(log)}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), 0.05)  # a bounded look at the log, 20 times a second
+        yield proc, f"http://127.0.0.1:{found[1]}", f"http://127.0.0.1:{found[2]}"
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)  # drains (drain.delay 0, grace 2s) and exits
+            try:
+                await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def _tail(log: Path, lines: int = 10) -> str:
+    """The last lines of the sidecar's log, for a failure report."""
+    text = await asyncio.to_thread(log.read_text, errors="replace")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+async def _read(session: aiohttp.ClientSession, admin: str) -> Reading:
+    async with session.get(admin + "/admin/status") as r:
+        r.raise_for_status()
+        status = await r.json()
+    async with session.get(admin + "/metrics") as r:
+        r.raise_for_status()
+        metrics = parse_metrics(await r.text())
+    return Reading(time.monotonic(), status, metrics)
+
+
+def _intro(timeline: Timeline) -> str:
+    return (
+        f"sidecar demo: {timeline.duration_s:.0f} s of traffic ({RATE:.0f} fraud requests/s from 8 clients, "
+        "a streamed chat every 2 s).\n"
+        "  route fraud:  fraud-v1 (stable, 3 replicas, one flaky) -> rollout of fraud-v2, "
+        f"steps {'/'.join(map(str, GOOD_STEPS))} %, each judged every {timeline.interval_s} s on "
+        f"its own traffic: at least {MIN_REQUESTS} canary requests, failed tries <= {MAX_ERROR_RATE:.0%}, "
+        f"p99 <= {MAX_P99_RATIO:g} x fraud-v1's;\n"
+        f"                half the requests copied to fraud-shadow and compared; drift checked; "
+        f"labels posted to {FEEDBACK} a second later.\n"
+        f"  at {timeline.reload_at_s:.0f} s: the config file gets route fraud-eu ({EU_SHARE:.0%} of requests carry "
+        f"x-region: eu) with a rollout of fraud-v3 (steps {'/'.join(map(str, BAD_STEPS))} %, same gates), "
+        "and a marketing campaign starts (payments from other countries).\n"
+        "  route chat:   an LLM streaming tokens."
+    )
+
+
+async def run_demo(duration_s: float = 60.0, keep: bool = False, console: Console | None = None) -> int:
+    console = console or Console()
+    timeline = Timeline(duration_s)
+    console.print(_intro(timeline), markup=False, highlight=False, soft_wrap=True)
+    console.print("starting the model servers and the sidecar ...", markup=False)
+    folder = Path(tempfile.mkdtemp(prefix="sidecar-demo-"))
+    try:
+        async with _models() as servers:
+            urls = {name: [m.url for m in running] for name, running in servers.items()}
+            config = folder / "sidecar.yaml"
+            await _write(config, initial_config(urls, timeline))
+            async with _sidecar(config, folder / "sidecar.log") as (proc, proxy, admin):
+                return await _show(console, timeline, servers, urls, config, folder, proc, proxy, admin, keep)
+    except DemoError as e:
+        console.print(f"demo failed: {e}", markup=False)
+        return 1
+    finally:
+        await asyncio.to_thread(shutil.rmtree, folder, True)
+
+
+async def _show(console: Console, timeline: Timeline, servers: dict[str, list[RunningModel]],
+                urls: dict[str, list[str]], config: Path, folder: Path, proc: asyncio.subprocess.Process,
+                proxy: str, admin: str, keep: bool) -> int:
+    console.print("model servers: " + "; ".join(f"{name} {' '.join(u)}" for name, u in urls.items()),
+                  markup=False, highlight=False, soft_wrap=True)
+    console.print(f"sidecar: proxy {proxy}, admin {admin} (pid {proc.pid}); config {config}", markup=False,
+                  highlight=False, soft_wrap=True)
+    board = Board(timeline, proxy, admin)
+    traffic = Traffic(proxy, RATE)
+    live = console.is_terminal and not console.is_dumb_terminal
+    if not live:
+        console.print(PLAIN_LEGEND, markup=False, highlight=False, soft_wrap=True)
+    async with aiohttp.ClientSession(timeout=ADMIN_TIMEOUT) as session, asyncio.TaskGroup() as tg:
+        tg.create_task(traffic.run())
+        try:
+            view = Live(live_view(board, traffic.tally), console=console, auto_refresh=False,
+                        vertical_overflow="ellipsis") if live else contextlib.nullcontext()
+            with view:
+                failure = await _drive(session, board, traffic, timeline, urls, config, admin, proc, view, console)
+            if failure:
+                console.print(f"demo failed: {failure}; the sidecar's log ends:\n{await _tail(folder / 'sidecar.log')}",
+                              markup=False, highlight=False, soft_wrap=True)
+                return 1
+            console.print(_summary(board, traffic, servers, admin, proxy, folder, keep), markup=False,
+                          highlight=False, soft_wrap=True)
+            if keep:
+                console.print("Still serving, clients included: the models, the sidecar and its status page "
+                              "stay up until Ctrl-C.", markup=False)
+                await proc.wait()  # ends by Ctrl-C (cancelling this) or if the sidecar stops on its own
+                console.print(f"the sidecar stopped (exit code {proc.returncode})", markup=False)
+                return 1
+        finally:
+            traffic.stop()
+    return 0
+
+
+async def _drive(session: aiohttp.ClientSession, board: Board, traffic: Traffic, timeline: Timeline,
+                 urls: dict[str, list[str]], config: Path, admin: str, proc: asyncio.subprocess.Process,
+                 view: Live | contextlib.nullcontext[None], console: Console) -> str | None:
+    """Poll, draw, and carry out the timeline until the end; -> why the demo failed, or None."""
+    reloaded = campaign = False
+    last_plain = -PLAIN_EVERY_S
+    events_printed = 0
+    while True:
+        if proc.returncode is not None:
+            return f"the sidecar stopped (exit code {proc.returncode})"
+        elapsed = board.elapsed()
+        if not campaign and elapsed >= timeline.campaign_at_s:
+            campaign = True
+            traffic.campaign()
+            board.event("a campaign starts: most payments now come from DE, FR, NL, ES, IT (watch drift)")
+        if not reloaded and elapsed >= timeline.reload_at_s:
+            reloaded = True
+            traffic.eu_routed()
+            await _write(config, reloaded_config(urls, timeline))
+            try:
+                async with session.post(admin + "/admin/reload") as r:
+                    answer = await r.json()
+            except (aiohttp.ClientError, TimeoutError) as e:
+                return f"POST /admin/reload failed: {e!r}"
+            if answer.get("result") != "ok":
+                return f"the edited config was refused: {answer}"
+            board.event(f"config file edited: route fraud-eu added with a rollout of fraud-v3; "
+                        f"POST /admin/reload -> {answer['result']}, version "
+                        f"{answer.get('previous_version')} -> {answer.get('version')}")
+        try:
+            board.add(await _read(session, admin))
+        except (aiohttp.ClientError, TimeoutError) as e:
+            board.event(f"admin API did not answer: {e!r}")
+        if isinstance(view, Live):
+            view.update(live_view(board, traffic.tally), refresh=True)
+        else:
+            for at, text in board.events[events_printed:]:
+                console.print(f"[{at:5.1f} s] event: {text}", markup=False, highlight=False, soft_wrap=True)
+            events_printed = len(board.events)
+            if board.elapsed() - last_plain >= PLAIN_EVERY_S:
+                last_plain = board.elapsed()
+                console.print(plain_line(board, traffic.tally), markup=False, highlight=False, soft_wrap=True)
+        if _finished(board, elapsed, timeline, reloaded):
+            return None
+        await asyncio.sleep(POLL_S)  # pacing of the view, not synchronisation
+
+
+def _finished(board: Board, elapsed: float, timeline: Timeline, reloaded: bool) -> bool:
+    if elapsed < timeline.duration_s:
+        return False
+    undecided = [ro for ro in board.rollouts() if ro["state"] not in DONE_STATES]
+    return reloaded and (not undecided or elapsed >= timeline.duration_s + timeline.grace_s)
+
+
+def _summary(board: Board, traffic: Traffic, servers: dict[str, list[RunningModel]], admin: str, proxy: str,
+             folder: Path, keep: bool) -> str:
+    last = board.last
+    tally = traffic.tally
+    lines = ["", "=== Summary " + "=" * 60]
+    lines.append(f"clients sent {tally.sent} fraud requests: answers by status {dict(sorted(tally.statuses.items()))} "
+                 "(0: no answer at all)")
+    lines.append("per backend (from /metrics): answered = answers the sidecar passed to clients; tries = calls "
+                 "the sidecar made, failed ones and retries included; model saw = the model servers' own count "
+                 "(mirror copies included):")
+    for name, running in servers.items():
+        answered = 0.0 if last is None else last.total("sidecar_requests_total", backend=name)
+        tries = 0.0 if last is None else last.total("sidecar_upstream_attempts_total", backend=name)
+        failed = tries - (0.0 if last is None else last.total("sidecar_upstream_attempts_total", backend=name,
+                                                              outcome="ok"))
+        saw = sum(m.requests for m in running)
+        if name == "fraud-shadow" and last is not None:
+            copies = last.total("sidecar_mirror_requests_total", backend=name)
+            lines.append(f"  {name:<13} mirror copies {copies:>6.0f} (a shadow answers the sidecar only)   "
+                         f"model saw {saw:>6}")
+            continue
+        lines.append(f"  {name:<13} answered {answered:>6.0f}   tries {tries:>6.0f} ({failed:.0f} failed)   "
+                     f"model saw {saw:>6}")
+    lines.append("rollouts:")
+    for ro in board.rollouts():
+        d = ro.get("last_decision") or {}
+        outcome = {"promoted": "PROMOTED", "rolled_back": "ROLLED BACK"}.get(ro["state"], ro["state"])
+        gate = next((g for g in d.get("gates", []) if g.get("verdict") == "fail"), None)
+        why = f", caught by gate {gate['gate']}: {gate['reason']}" if gate else f": {ro.get('reason') or '-'}"
+        lines.append(f"  {ro['route']}: {ro['canary']} {outcome}{why}")
+    lines += ["  " + line for line in quality_lines(board, tally)]
+    lines.append("events:")
+    lines += [f"  {at:5.1f} s  {text}" for at, text in board.events]
+    lines.append("where it was:")
+    lines.append(f"  status page {admin}/   metrics {admin}/metrics   proxy {proxy}")
+    if keep:
+        lines.append(f"  config file {folder / 'sidecar.yaml'}   sidecar log {folder / 'sidecar.log'}")
+    lines.append("what to try next" + (" (now, while it stays up):" if keep else " (run `sidecar demo --keep` first):"))
+    lines += [
+        f"  sidecar status --admin {admin}",
+        f"  sidecar rollout fraud-eu restart --admin {admin}        # judge v3 again; watch it fail again",
+        f"  curl -s {admin}/admin/routes/fraud/rollout             # every decision with its gates",
+        f"  curl -s {admin}/metrics | grep sidecar_requests_total",
+        f"  curl -si {proxy}{PREDICT} -H 'x-user-id: alice' -d '{{\"instances\": [{{\"amount\": 120}}]}}'",
+        f"  curl -s {admin}/admin/mirrors                           # the shadow's disagreements",
+    ]
+    return "\n".join(lines)
