@@ -23,8 +23,10 @@ import yaml
 from sidecar.config.load import load_config, load_yaml, parse_config
 from sidecar.config.model import Config
 from sidecar.errors import ConfigError
+from tests import upstreams as u
 from tests.conftest import MakeSidecar
 from tests.harness import until
+from tests.test_docs import _CODE_POINTER, anchors
 from tests.test_examples_monitoring import missing
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,6 +77,17 @@ def test_every_example_yaml_is_checked_somewhere():
     known = {*CONFIGS, *FLEET_CONFIGS, *MANIFESTS, *OTHER_YAML}
     unchecked = sorted(str(p.relative_to(ROOT)) for p in EXAMPLES.rglob("*.y*ml") if p not in known)
     assert not unchecked, f"add these to a test in tests/test_examples*.py: {unchecked}"
+
+
+def test_docs_pointers_in_the_examples_resolve():
+    """Comments in examples/ that cite `docs/<page>.md#<anchor>` name a page and a heading that exist."""
+    broken = []
+    for path in sorted(p for p in EXAMPLES.rglob("*") if p.is_file()):
+        for pointer in _CODE_POINTER.findall(path.read_text()):
+            page, _, anchor = pointer.partition("#")
+            if not (ROOT / page).exists() or (anchor and anchor not in anchors(ROOT / page)):
+                broken.append(f"{path.relative_to(ROOT)}: {pointer}")
+    assert not broken, broken
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(EXAMPLES)))
@@ -387,3 +400,111 @@ async def test_compose_healthcheck_passes_on_a_ready_sidecar(make_sidecar: MakeS
     code = test[-1].replace("127.0.0.1:9901", f"127.0.0.1:{port}")
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code)
     assert await asyncio.wait_for(proc.wait(), 20) == 0, shlex.join(test)
+
+
+# --- each example config against its kind of model server --------------------------------------
+
+_SCORE = 0.12
+PROTOCOLS: dict[str, tuple[str, dict[str, Any], Any]] = {
+    # example: (request path, request body, the model server's answer)
+    "tf-serving": ("/v1/models/fraud:predict", {"instances": [{"amount": 12.5, "country": "US"}]},
+                   {"predictions": [_SCORE]}),
+    "kserve-v2": ("/v2/models/fraud/infer",
+                  {"inputs": [{"name": "amount", "shape": [1], "datatype": "FP32", "data": [12.5]},
+                              {"name": "country", "shape": [1], "datatype": "BYTES", "data": ["US"]}]},
+                  {"model_name": "fraud", "outputs": [{"name": "score", "shape": [1], "datatype": "FP32",
+                                                       "data": [_SCORE]}]}),
+    "mlflow": ("/invocations", {"dataframe_records": [{"amount": 12.5, "country": "US"}]}, {"predictions": [_SCORE]}),
+    "openai-chat": ("/v1/chat/completions",
+                    {"model": "llama-3-8b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 64,
+                     "temperature": 0.2, "stream": True},
+                    ['{"choices": [{"index": 0, "delta": {"content": "Hi"}}]}', "[DONE]"]),
+}
+PROTOCOLS["kubernetes"] = PROTOCOLS["compose"] = PROTOCOLS["tf-serving"]
+
+
+def protocol_of(path: Path) -> str:
+    return path.stem if path.parent.name == "configs" else path.parent.parent.name if path.parent.name == "sidecar" \
+        else path.parent.name
+
+
+def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    out = []
+    for m in re.finditer(rf"^{name}\{{(.*)\}} (\S+)$", text, re.MULTILINE):
+        out.append((dict(re.findall(r'(\w+)="([^"]*)"', m[1])), float(m[2])))
+    return out
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(EXAMPLES)))
+async def test_example_config_reads_what_its_model_server_sends(path: Path, upstreams, make_sidecar: MakeSidecar,
+                                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Run as is against fake servers of its protocol (every request sampled and mirrored): the answer passes
+    through, every monitor feature finds its value (none counted missing), the shadow's answers compare
+    as agreeing, and a label posted to the feedback path joins its prediction."""
+    request_path, body, reply = PROTOCOLS[protocol_of(path)]
+    streamed = isinstance(reply, list)
+    behaviour = u.sse(reply, delay=0) if streamed else u.answer(reply)
+    for var, value in ENV.items():
+        monkeypatch.setenv(var, value)
+    cfg = load_yaml(await asyncio.to_thread(path.read_text))
+    for name, backend in cfg["backends"].items():
+        up = await upstreams.start(behaviour, name=name)
+        if "endpoints" in backend:
+            backend["endpoints"] = [up.url, (await upstreams.start(behaviour, name=f"{name}-2")).url]
+        else:
+            backend["url"] = up.url
+    hook = await upstreams.start(u.answer({}), name="hook")
+    cfg.update(listen="127.0.0.1:0", drain={"delay": 0, "grace": 2})
+    cfg["admin"]["listen"] = "127.0.0.1:0"
+    if "state_dir" in cfg:
+        cfg["state_dir"] = str(tmp_path)
+    (route,) = cfg["routes"]
+    for mirror in route.get("mirror", []):
+        mirror["percent"] = 100
+    if "monitor" in route:
+        route["monitor"]["sample"] = 1.0
+        route["monitor"].setdefault("drift", {})["every"] = "200ms"   # counters are published after a pass
+    if "notify" in route.get("rollout", {}):
+        route["rollout"]["notify"]["webhook"] = hook.url
+    sc = await make_sidecar(cfg)
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client:
+        ids = []
+        for i in range(4):
+            async with client.post(sc.proxy_url + request_path, json=body, headers={"x-user-id": f"u{i}"}) as r:
+                text = await r.text()
+                assert r.status == 200, text
+                ids.append(r.headers["x-request-id"])
+            if streamed:
+                assert r.content_type == "text/event-stream" and "data: [DONE]" in text
+            else:
+                assert json.loads(text) == reply
+
+        async def scrape() -> str:
+            async with client.get(sc.admin_url + "/metrics") as r:
+                return await r.text()
+
+        if "monitor" in route:
+            async def sampled() -> bool:
+                got = samples(await scrape(), "sidecar_monitor_samples_total")
+                return sum(v for labels, v in got if labels["route"] == route["name"]) >= len(ids)
+            await until(sampled, 10, "sampled exchanges in sidecar_monitor_samples_total")
+            missing = [s for s in samples(await scrape(), "sidecar_monitor_missing_total") if s[1] > 0]
+            assert not missing, f"feature paths that find nothing in a {protocol_of(path)} body: {missing}"
+        if any("compare" in m for m in route.get("mirror", [])):
+            async def compared() -> bool:
+                got = samples(await scrape(), "sidecar_mirror_requests_total")
+                return sum(v for labels, v in got if labels["outcome"] in ("agree", "disagree", "missing")) >= len(ids)
+            await until(compared, 10, "compared mirrors")
+            outcomes = {labels["outcome"] for labels, v in samples(await scrape(), "sidecar_mirror_requests_total")
+                        if v > 0}
+            assert outcomes & {"disagree", "missing"} == set(), outcomes
+        if "feedback" in route:
+            async def joined() -> bool:
+                async with client.post(sc.proxy_url + route["feedback"]["path"],
+                                       json={"request_id": ids[-1], "label": 0}) as r:
+                    assert r.status == 200
+                    (result,) = (await r.json())["results"]
+                    assert result["outcome"] in ("joined", "unknown"), result
+                    return bool(result["outcome"] == "joined")
+            await until(joined, 10, "the label joined to its prediction")
