@@ -11,7 +11,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import aiohttp
 import pytest
@@ -60,40 +60,55 @@ def run_promtool(*args: str | Path) -> str:
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 _GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
 _SELECTOR = re.compile(r"([A-Za-z_:][\w:]*)?\s*\{([^}]*)\}")
-_MATCHER_LABEL = re.compile(r"([A-Za-z_]\w*)\s*(?:=~|!~|!=|=)")
+_MATCHER = re.compile(r'([A-Za-z_]\w*)\s*(=~|!~|!=|=)\s*"(\d+)"')
 _TOKEN = re.compile(r"\d+(?:\.\d+)?[a-zA-Z]*|[A-Za-z_:][\w:]*(?:\s*\()?")
 _KEYWORDS = {"bool", "and", "or", "unless", "offset", "inf", "nan", "by", "without", "on", "ignoring",
              "group_left", "group_right", "atan2"}
 
 
-def selectors(expr: str) -> list[tuple[str, frozenset[str]]]:
-    """Each metric an expression reads, with the label names its matchers use (a rough PromQL lexer:
-    strings are blanked, grouping clauses and ranges dropped, and a name followed by `(` is a function)."""
-    text = _STRING.sub('""', GRAFANA_DURATIONS.sub("5m", expr))
+class Selector(NamedTuple):
+    name: str
+    labels: frozenset[str]            # label names its matchers use
+    equals: tuple[tuple[str, str], ...] = ()   # label="value" matchers with a literal value
+
+
+def selectors(expr: str) -> list[Selector]:
+    """Each metric an expression reads, with its matchers (a rough PromQL lexer: strings are set aside,
+    grouping clauses and ranges dropped, and a name followed by `(` is a function)."""
+    strings: list[str] = []
+
+    def set_aside(m: re.Match[str]) -> str:
+        strings.append(m[0][1:-1])
+        return f'"{len(strings) - 1}"'
+    text = _STRING.sub(set_aside, GRAFANA_DURATIONS.sub("5m", expr))
     text = _GROUPING.sub(" ", text)
     text = re.sub(r"\[[^\]]*\]", " ", text)
-    found: list[tuple[str, frozenset[str]]] = []
+    found: list[Selector] = []
 
     def selector(m: re.Match[str]) -> str:
-        labels = frozenset(_MATCHER_LABEL.findall(m[2]))
+        matchers = _MATCHER.findall(m[2])
         if m[1] and not m[1].endswith("("):
-            found.append((m[1], labels))
+            found.append(Selector(m[1], frozenset(label for label, _, _ in matchers),
+                                  tuple((label, strings[int(i)]) for label, op, i in matchers
+                                        if op == "=" and "$" not in strings[int(i)])))
         return " "
     text = _SELECTOR.sub(selector, text)
     for token in _TOKEN.findall(text):
-        if token[0].isdigit() or token.endswith("(") or token in _KEYWORDS:
+        if token[0].isdigit() or token.endswith("(") or token in _KEYWORDS or token.startswith('"'):
             continue
-        found.append((token, frozenset()))
+        found.append(Selector(token, frozenset()))
     return found
 
 
 def test_selector_lexer_finds_names_and_labels():
-    """The lexer this file relies on finds a misspelt metric and a matcher's label, and not functions,
-    grouping labels, durations or strings."""
-    expr = ('sum by (route, le) (rate(sidecar_nope_total{code=~"5..", route=~"$route"}[$__rate_interval])) '
+    """The lexer this file relies on finds a misspelt metric, a matcher's label and literal value, and not
+    functions, grouping labels, durations or strings."""
+    expr = ('sum by (route, le) (rate(sidecar_nope_total{code=~"5..", route=~"$route", x="y{z}"}[$__rate_interval])) '
             '/ on (route) group_left sum(up) > 0.5 * avg_over_time(sidecar_gauge[6h] offset 1h) or vector(0)')
-    assert sorted(selectors(expr)) == [("sidecar_gauge", frozenset()),
-                                       ("sidecar_nope_total", frozenset({"code", "route"})), ("up", frozenset())]
+    assert sorted(selectors(expr)) == [
+        Selector("sidecar_gauge", frozenset()),
+        Selector("sidecar_nope_total", frozenset({"code", "route", "x"}), (("x", "y{z}"),)),
+        Selector("up", frozenset())]
 
 
 def alert_exprs() -> dict[str, str]:
@@ -239,10 +254,12 @@ def every_feature(ups: dict[str, str], tmp_path: Path) -> dict[str, Any]:
     }
 
 
-def exposition(text: str) -> tuple[set[str], dict[str, set[frozenset[str]]]]:
-    """The metric names a scrape offers (declared families and their samples) and each sample name's label sets."""
+def exposition(text: str) -> tuple[set[str], dict[str, set[frozenset[str]]], dict[tuple[str, str], set[str]]]:
+    """The metric names a scrape offers (declared families and their samples), each sample name's label
+    sets, and the values each (sample name, label) takes."""
     names: set[str] = set()
     labelsets: dict[str, set[frozenset[str]]] = {}
+    values: dict[tuple[str, str], set[str]] = {}
     for line in text.splitlines():
         if line.startswith("# TYPE "):
             _, _, name, kind_ = line.split()
@@ -253,8 +270,11 @@ def exposition(text: str) -> tuple[set[str], dict[str, set[frozenset[str]]]]:
             m = re.match(r"([A-Za-z_:][\w:]*)(?:\{(.*)\})?\s", line)
             assert m, line
             names.add(m[1])
-            labelsets.setdefault(m[1], set()).add(frozenset(re.findall(r'(\w+)="', m[2] or "")))
-    return names, labelsets
+            pairs = re.findall(r'(\w+)="([^"]*)"', m[2] or "")
+            labelsets.setdefault(m[1], set()).add(frozenset(label for label, _ in pairs))
+            for label, value in pairs:
+                values.setdefault((m[1], label), set()).add(value)
+    return names, labelsets, values
 
 
 def declared_labels() -> dict[str, frozenset[str]]:
@@ -303,23 +323,28 @@ async def test_every_queried_metric_is_exported(upstreams, make_sidecar: MakeSid
             return all(f"{name}{{" in text for name in ("sidecar_mirror_requests_total", "sidecar_feedback_metric",
                                                          "sidecar_drift_detected", "sidecar_feedback_score_mean"))
         await until(settled, 15, "mirror, feedback and drift samples in /metrics")
-        names, labelsets = exposition(await scrape())
+        names, labelsets, values = exposition(await scrape())
 
     declared = declared_labels()
     for sample, sets in labelsets.items():
         if sample in declared:
             assert sets == {declared[sample]}, f"{sample}: exported labels {sets}, declared {declared[sample]}"
     queries = {**{f"alert {k}": v for k, v in alert_exprs().items()}, **dashboard_exprs()}
-    absent, bad_labels = [], []
+    absent, bad_labels, bad_values = [], [], []
     for where, expr in queries.items():
-        for name, labels in selectors(expr):
-            if name in PROMETHEUS_MADE:
+        for sel in selectors(expr):
+            if sel.name in PROMETHEUS_MADE:
                 continue
-            if name not in names:
-                absent.append(f"{where}: {name}")
-            elif unknown := labels - declared.get(name, frozenset()) - TARGET_LABELS:
-                bad_labels.append(f"{where}: {name} has no label {sorted(unknown)}")
+            if sel.name not in names:
+                absent.append(f"{where}: {sel.name}")
+            elif unknown := sel.labels - declared.get(sel.name, frozenset()) - TARGET_LABELS:
+                bad_labels.append(f"{where}: {sel.name} has no label {sorted(unknown)}")
+            for label, value in sel.equals:
+                seen = values.get((sel.name, label))
+                if seen is not None and value not in seen:   # judged where this run exported the label
+                    bad_values.append(f"{where}: {sel.name}{{{label}={value!r}}}: exported values {sorted(seen)}")
     assert not absent, "queried metrics the sidecar does not export:\n" + "\n".join(absent)
     assert not bad_labels, "\n".join(bad_labels)
-    queried = {name for expr in queries.values() for name, _ in selectors(expr)}
+    assert not bad_values, "\n".join(bad_values)
+    queried = {sel.name for expr in queries.values() for sel in selectors(expr)}
     assert len(queried) >= 40, f"the lexer found only {len(queried)} metrics: it has stopped reading the queries"
