@@ -270,7 +270,7 @@ async def test_probe_paths_answer_on_a_real_sidecar(make_sidecar: MakeSidecar, t
     for backend in cfg["backends"].values():
         backend["url"] = "http://127.0.0.1:9"   # the discard port: refused, never a real model
     cfg.update(listen="127.0.0.1:0", admin={**cfg["admin"], "listen": "127.0.0.1:0"}, state_dir=str(tmp_path),
-               drain={"delay": "2s", "grace": "1s"})
+               drain={"delay": "3s", "grace": "1s"})
     cfg["admin"]["token"] = ENV["SIDECAR_ADMIN_TOKEN"]
     sc = await make_sidecar(cfg)
     paths = [c["readinessProbe"]["httpGet"]["path"], c["livenessProbe"]["httpGet"]["path"],
