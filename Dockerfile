@@ -1,6 +1,6 @@
 # model-sidecar's image: two stages, non-root, a HEALTHCHECK on the admin listener's /readyz.
 #   docker build -t model-sidecar:0.1.0 .
-#   docker run --rm -p 8080:8080 -v $PWD/examples/configs:/etc/sidecar:ro model-sidecar:0.1.0 -c /etc/sidecar/tf-serving.yaml
+#   docker run --rm --network host -v $PWD/examples/configs:/etc/sidecar:ro model-sidecar:0.1.0 -c /etc/sidecar/tf-serving.yaml
 # No container engine runs in CI; tests/test_examples.py lints this file with hadolint.
 # docs/deployment.md#container
 
