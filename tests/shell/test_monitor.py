@@ -81,13 +81,14 @@ async def get_json(client: aiohttp.ClientSession, url: str) -> Any:
 
 
 async def wait_rows(client: aiohttp.ClientSession, sc: Sidecar, want: set[tuple[str, str]],
-                    timeout_s: float = 10.0) -> dict[tuple[str, str], dict[str, Any]]:
-    """Poll /admin/drift until every (backend, feature) in `want` has been judged."""
+                    timeout_s: float = 10.0, n_cur: int = 0) -> dict[tuple[str, str], dict[str, Any]]:
+    """Poll /admin/drift until every (backend, feature) in `want` has been judged, on at least `n_cur`
+    current samples (a pass may run while the monitor worker is still taking in the last samples)."""
     async with asyncio.timeout(timeout_s):
         while True:
             doc = await get_json(client, sc.admin_url + "/admin/drift")
             rows = {(f["backend"], f["feature"]): f for r in doc["routes"] for f in r["features"]}
-            if all(k in rows and rows[k]["status"] == "ok" for k in want):
+            if all(k in rows and rows[k]["status"] == "ok" and rows[k]["n_cur"] >= n_cur for k in want):
                 return rows
             await asyncio.sleep(0.05)
 
@@ -227,7 +228,7 @@ async def test_warmup_reference(models, make_sidecar: MakeSidecar, client):
     await drive(client, sc.proxy_url, 30, seed=1)  # exactly the 150 warm-up samples per feature
     model.spec.shift = 3.0
     await drive(client, sc.proxy_url, 40, seed=2)
-    rows = await wait_rows(client, sc, {("m", "score"), ("m", "amount")})
+    rows = await wait_rows(client, sc, {("m", "score"), ("m", "amount")}, n_cur=200)
     assert rows[("m", "score")]["drifted"] is True
     assert rows[("m", "score")]["n_ref"] == 150 and rows[("m", "score")]["n_cur"] == 200
     assert rows[("m", "amount")]["drifted"] is False
