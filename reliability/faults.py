@@ -338,12 +338,20 @@ async def _run_fault(fault: Fault, factory: u.UpstreamFactory, make_sidecar: Mak
         if r.status != 200 or doc.get("persisted") is not False:
             problems.append(f"weights PUT answered {r.status} {doc}")
 
+    took: list[float] = []   # each request's own time: a busy machine slows a batch, not the fastest request
+
+    async def timed() -> Outcome:
+        t = time.perf_counter()
+        try:
+            return await send(session, "POST", target, data=b"{}", expect_body=expect)
+        finally:
+            took.append(time.perf_counter() - t)
+
     t0 = time.perf_counter()
     if fault.sequential:
-        outcomes = [await send(session, "POST", target, data=b"{}", expect_body=expect) for _ in range(fault.n)]
+        outcomes = [await timed() for _ in range(fault.n)]
     else:
-        outcomes = list(await asyncio.gather(*(send(session, "POST", target, data=b"{}", expect_body=expect)
-                                               for _ in range(fault.n))))
+        outcomes = list(await asyncio.gather(*(timed() for _ in range(fault.n))))
     seconds = time.perf_counter() - t0
     counts = Counter(outcomes)
     lost = sum(n for o, n in counts.items() if o not in fault.allowed)
@@ -362,8 +370,8 @@ async def _run_fault(fault: Fault, factory: u.UpstreamFactory, make_sidecar: Mak
             problems.append(f"mirror outcomes {mirrored} do not add up to the {fault.n} requests")
         if set(mirrored) - fault.shadow_allowed or fault.shadow_must_see - set(mirrored):
             problems.append(f"mirror outcomes {mirrored}, expected {sorted(fault.shadow_allowed)}")
-        if seconds >= MIRROR_TIMEOUT_S:
-            problems.append(f"the batch took {seconds:.2f}s: clients waited for the shadow")
+        if min(took) >= MIRROR_TIMEOUT_S:   # a client that waits for its mirror waits for the shadow's timeout
+            problems.append(f"the fastest request took {min(took):.2f}s: clients waited for the shadow")
         if healthy.hits != fault.n:
             problems.append(f"the primary saw {healthy.hits} requests, not {fault.n}")
     elif fault.role == "health":
