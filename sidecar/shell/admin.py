@@ -13,6 +13,7 @@
     GET    /admin/routes/{route}/rollout     the rollout: state, step, weights, decisions
     POST   /admin/routes/{route}/rollout/{action}  pause, resume, promote, rollback, restart (409: not allowed)
     GET    /admin/feedback                   feedback per route, backend and segment value
+    GET    /admin/history                    the status page's charts: rates, codes, p50/p99, weights over time
     GET    /admin/openapi.json               OpenAPI 3.1 of all of the above
 
 Guard (one middleware, `_guard`), its checks in this order; the first that fails answers:
@@ -338,9 +339,21 @@ def backend_status(sidecar: AdminHost, rt: Runtime, name: str) -> dict[str, Any]
         "p99_s": latency.p99 if latency else None,
         "error_rate": latency.error_rate if latency else None,
         "requests": latency.count if latency else 0,
+        **backend_health(sidecar, name, checked=plan.health_check is not None,
+                         available=endpoints.available(now)),
         "fingerprint": plan.fingerprint,
     }
     return doc
+
+
+def backend_health(sidecar: AdminHost, name: str, *, checked: bool, available: bool) -> dict[str, Any]:
+    """`health` says "healthy" only of a backend whose health checks pass; without a health
+    check it is "not checked" (or "ejected" when outlier detection took out every endpoint),
+    and `recent_error_rate` (failed tries over the last minute, mirror copies included) is
+    what tells how it does (docs/reference/admin-api.md#backend-health)."""
+    rate, tries = sidecar.services.history.recent_error_rate(name)
+    health = ("healthy" if available else "unhealthy") if checked else ("not checked" if available else "ejected")
+    return {"health": health, "health_checked": checked, "recent_error_rate": rate, "recent_tries": tries}
 
 
 def status_document(sidecar: AdminHost) -> dict[str, Any]:
@@ -526,6 +539,12 @@ async def page(request: web.Request) -> web.Response:
                         headers={"cache-control": "no-store"})
 
 
+async def history(request: web.Request) -> web.Response:
+    """GET /admin/history: the status page's charts, a point per 5 s over 15 minutes (shell/history.py)."""
+    sidecar = request.app[SIDECAR_KEY]
+    return json_response(sidecar.services.history.to_json(sidecar.proxy.runtime))
+
+
 async def openapi(request: web.Request) -> web.Response:
     return json_response(openapi_document())
 
@@ -549,4 +568,5 @@ def build_admin_app(sidecar: AdminHost) -> web.Application:
     app.router.add_get("/admin/mirrors", mirrors)
     app.router.add_get("/admin/drift", drift)
     app.router.add_get("/admin/feedback", feedback)
+    app.router.add_get("/admin/history", history)
     return app

@@ -1,0 +1,92 @@
+"""The history behind the status page's charts: every `every_s`, one snapshot of the metric
+cells and live gauges goes into core/history.py's bounded ring (docs/reference/admin-api.md#history).
+
+    run()        the loop, in the server's TaskGroup (shell/services.py `tasks`)
+    sample()     read the counters (shell/metrics.py cells), the effective weights, mirror
+                 agreement and the feedback metric; one `History.record`
+    to_json()    GET /admin/history
+    recent_error_rate(backend)  failed share of a backend's tries over the last minute, for
+                 /admin/status's `health` of backends without a health check
+
+Cost: one pass over the label children of four counter families per `every_s` (a few
+hundred cells for a large config), on the loop; nothing per request.
+
+Imports: stdlib, sidecar.core, sidecar.shell (metrics, mirror, feedback, runtime).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from sidecar.core.history import History, Snapshot
+from sidecar.core.outcome import Outcome
+from sidecar.shell.feedback import Feedback
+from sidecar.shell.metrics import LATENCY_BUCKETS, Metrics
+from sidecar.shell.mirror import Mirrors
+from sidecar.shell.runtime import Runtime
+
+log = logging.getLogger("sidecar.history")
+
+EVERY_S: Final = 5.0          # one point per 5 s ...
+KEEP_S: Final = 900.0         # ... for the last 15 minutes: 180 points
+RECENT_S: Final = 60.0        # /admin/status's recent error rate: the last minute
+
+
+class HistorySampler:
+    """Owns the `History`; sampled by its own loop, read by the admin API (same thread)."""
+
+    def __init__(self, metrics: Metrics, mirrors: Mirrors, feedback: Feedback,
+                 every_s: float = EVERY_S, keep_s: float = KEEP_S) -> None:
+        self.metrics, self.mirrors, self.feedback = metrics, mirrors, feedback
+        self.history = History(LATENCY_BUCKETS, every_s, max(keep_s, every_s))
+        self._live: Callable[[], Runtime] | None = None
+
+    def bind(self, live: Callable[[], Runtime]) -> None:
+        """`live()` is the runtime serving at sampling time (shell/services.py `bind_gauges`)."""
+        self._live = live
+
+    def snapshot(self) -> Snapshot:
+        m = self.metrics
+        requests = {(r, b, code): c.value for (r, b, code), c in m.requests.items()}
+        durations = {(r, b): tuple(h.counts) for (r, b), h in m.request_duration.items()}
+        attempts = {(r, b, o, Outcome(o).failed): c.value for (r, b, o), c in m.upstream_attempts.items()}
+        mirrors = {(r, b, o): c.value for (r, b, o), c in m.mirror_requests.items()}
+        weights = {(r, b): share for (r, b), share in self._live().weight_samples()} if self._live else {}
+        agreement = {(r, b): ratio for (r, b), ratio in self.mirrors.agreement_samples()}
+        feedback = {(r, b, metric): v for (r, b, metric), v in self.feedback.metric_samples()}
+        return Snapshot(requests, durations, attempts, mirrors, weights, agreement, feedback)
+
+    def sample(self) -> None:
+        self.history.record(self.snapshot(), time.time())
+
+    async def run(self) -> None:
+        """Sample now (the start) and every `every_s` after, until cancelled; a failing
+        sample is logged and the loop goes on."""
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while True:
+            try:
+                self.sample()
+            except Exception:
+                log.exception("history sample failed; the status page's charts miss a point")
+            next_at += self.history.every_s
+            # late (a stalled loop): skip the missed ticks rather than sample in a burst
+            while next_at <= loop.time():
+                next_at += self.history.every_s
+            await asyncio.sleep(next_at - loop.time())
+
+    def recent_error_rate(self, backend: str) -> tuple[float | None, int]:
+        """(failed share of the backend's tries over the last minute, or None without tries; tries)."""
+        got = self.history.recent_tries(backend, time.time(), RECENT_S)
+        if got is None:
+            return None, 0
+        tries, failed = got
+        return (failed / tries if tries else None), round(tries)
+
+    def to_json(self, rt: Runtime) -> dict[str, Any]:
+        plan = rt.plan
+        return self.history.to_json(list(plan.backends), [r.name for r in plan.routes])
