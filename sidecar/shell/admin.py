@@ -534,6 +534,18 @@ async def post_rollout(request: web.Request) -> web.Response:
 # -- page and API description ---------------------------------------------------------------------------
 
 
+def status_page() -> bytes:
+    """static/status.html with the vendored chart library (uPlot, MIT: static/uPlot.LICENSE)
+    inlined where its markers stand: one public path, no other request, works offline."""
+    static = resources.files("sidecar.shell").joinpath("static")
+    html = static.joinpath("status.html").read_bytes()
+    css = static.joinpath("uPlot.min.css").read_bytes()
+    js = static.joinpath("uPlot.iife.min.js").read_bytes()
+    assert b"</script" not in js.lower() and b"</style" not in css.lower()
+    return (html.replace(b"<!-- uPlot.min.css -->", b"<style>" + css + b"</style>", 1)
+                .replace(b"<!-- uPlot.iife.min.js -->", b"<script>" + js + b"</script>", 1))
+
+
 async def page(request: web.Request) -> web.Response:
     return web.Response(body=request.app[PAGE_KEY], content_type="text/html", charset="utf-8",
                         headers={"cache-control": "no-store"})
@@ -552,7 +564,7 @@ async def openapi(request: web.Request) -> web.Response:
 def build_admin_app(sidecar: AdminHost) -> web.Application:
     app = web.Application(middlewares=[_guard])
     app[SIDECAR_KEY] = sidecar
-    app[PAGE_KEY] = resources.files("sidecar.shell").joinpath("static/status.html").read_bytes()
+    app[PAGE_KEY] = status_page()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
