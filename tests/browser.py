@@ -38,7 +38,7 @@ class Browser:
         self.errors: list[str] = []   # exceptions thrown by the page's scripts (Runtime events)
 
     async def __aenter__(self) -> Browser:
-        if not CHROMIUM.exists():
+        if not CHROMIUM.exists():  # noqa: ASYNC240 (a stat, before anything runs)
             pytest.skip("headless Chromium is not installed (/usr/bin/chromium; .ci/run installs it)")
         self.profile.mkdir(parents=True, exist_ok=True)
         self.proc = await asyncio.create_subprocess_exec(
@@ -104,7 +104,8 @@ class Browser:
     async def wait_for(self, expression: str, timeout_s: float = 20, what: str = "page condition") -> None:
         """Poll a JavaScript expression until it is truthy (the page renders on its own timers)."""
         async def holds() -> bool:
-            return bool(await self.eval(f"(() => {{ try {{ return !!({expression}); }} catch (e) {{ return false; }} }})()"))
+            return bool(await self.eval(
+                f"(() => {{ try {{ return !!({expression}); }} catch (e) {{ return false; }} }})()"))
         try:
             await until(holds, timeout_s, what)
         except TimeoutError as e:
@@ -118,4 +119,4 @@ class Browser:
         await self.send("Emulation.setDeviceMetricsOverride", width=width, height=min(height, 6000),
                         deviceScaleFactor=1, mobile=False)
         shot = await self.send("Page.captureScreenshot", format="png")
-        path.write_bytes(base64.b64decode(shot["data"]))
+        await asyncio.to_thread(path.write_bytes, base64.b64decode(shot["data"]))

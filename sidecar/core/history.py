@@ -3,7 +3,7 @@ snapshots of the sidecar's cumulative counters (docs/reference/admin-api.md#hist
 
     shell/history.py, every `every_s`:   snapshot of counters  ->  History.record(snapshot, t)
     GET /admin/history:                  History.to_json()  (columns, one value per point)
-    GET /admin/status:                   History.recent_tries(backend, now, over_s)
+    GET /admin/status:                   History.recent(backend, now, over_s)
 
 A point holds what happened between two snapshots, as rates per second: answers per backend
 and per route by status code, tries and failed tries, mirror copies; latency percentiles
@@ -69,6 +69,17 @@ class BackendPoint:
     mirrored: float = 0.0                                   # mirror copies it answered or failed
     p50_s: float | None = None
     p99_s: float | None = None
+
+
+@dataclass(slots=True)
+class Recent:
+    """A backend's counts over the last points (`History.recent`) and the seconds they cover."""
+
+    answers: float = 0.0
+    tries: float = 0.0
+    failed: float = 0.0
+    mirrored: float = 0.0
+    span_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -163,28 +174,31 @@ class History:
             acc = merged.setdefault(backend, [0.0] * len(counts))
             for i, n in enumerate(counts):
                 acc[i] += _delta(n, before[i] if before is not None else None)
-        for backend, counts in merged.items():
+        for backend, sums in merged.items():
             bp = backends.setdefault(backend, BackendPoint())
-            bp.p50_s = histogram_quantile(0.5, self.bounds, counts)
-            bp.p99_s = histogram_quantile(0.99, self.bounds, counts)
+            bp.p50_s = histogram_quantile(0.5, self.bounds, sums)
+            bp.p99_s = histogram_quantile(0.99, self.bounds, sums)
         point = Point(t, t - last_t, backends, routes, dict(snap.weights), dict(snap.agreement),
                       dict(snap.feedback))
         self.points.append(point)
         return point
 
-    def recent_tries(self, backend: str, now: float, over_s: float) -> tuple[float, float] | None:
-        """(tries, failed tries) of a backend over the points that ended within `over_s` of
-        wall time `now`; None when no point is that recent (history just started)."""
-        tries = failed = 0.0
+    def recent(self, backend: str, now: float, over_s: float) -> Recent | None:
+        """A backend's traffic over the points that ended within `over_s` of wall time `now`;
+        None when no point is that recent (the history just started)."""
+        r = Recent()
         seen = False
         for p in reversed(self.points):
             if p.t < now - over_s:
                 break
             seen = True
+            r.span_s += p.dt
             if (bp := p.backends.get(backend)) is not None:
-                tries += bp.tries
-                failed += bp.failed
-        return (tries, failed) if seen else None
+                r.answers += bp.answers
+                r.tries += bp.tries
+                r.failed += bp.failed
+                r.mirrored += bp.mirrored
+        return r if seen else None
 
     def to_json(self, backends: Sequence[str], routes: Sequence[str]) -> dict[str, Any]:
         """Columns for charts: `time` and, per series, one value per point (null: none then).
@@ -224,7 +238,7 @@ class History:
             r_doc[name] = {
                 "answers_per_s": [rate(rp.answers, p) if rp else 0.0 for rp, p in zip(rps, pts, strict=True)],
                 "codes_per_s": codes_of([rp.codes if rp else None for rp in rps]),
-                "weights": {b: col(lambda p, b=b: p.weights.get((name, b))) for b in weight_names},
+                "weights": {b: col(lambda p, k=(name, b): p.weights.get(k)) for b in weight_names},
             }
         mirror_keys = sorted({k for p in pts for k in p.agreement})
         feedback_keys = sorted({k for p in pts for k in p.feedback})

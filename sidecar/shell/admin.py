@@ -350,10 +350,10 @@ def backend_health(sidecar: AdminHost, name: str, *, checked: bool, available: b
     """`health` says "healthy" only of a backend whose health checks pass; without a health
     check it is "not checked" (or "ejected" when outlier detection took out every endpoint),
     and `recent_error_rate` (failed tries over the last minute, mirror copies included) is
-    what tells how it does (docs/reference/admin-api.md#backend-health)."""
-    rate, tries = sidecar.services.history.recent_error_rate(name)
+    what tells how it does (docs/reference/admin-api.md#backend-health). With its answers
+    since start and per second over the last minute (shell/history.py)."""
     health = ("healthy" if available else "unhealthy") if checked else ("not checked" if available else "ejected")
-    return {"health": health, "health_checked": checked, "recent_error_rate": rate, "recent_tries": tries}
+    return {"health": health, "health_checked": checked, **sidecar.services.history.recent(name)}
 
 
 def status_document(sidecar: AdminHost) -> dict[str, Any]:

@@ -5,8 +5,8 @@ cells and live gauges goes into core/history.py's bounded ring (docs/reference/a
     sample()     read the counters (shell/metrics.py cells), the effective weights, mirror
                  agreement and the feedback metric; one `History.record`
     to_json()    GET /admin/history
-    recent_error_rate(backend)  failed share of a backend's tries over the last minute, for
-                 /admin/status's `health` of backends without a health check
+    recent(backend)  its answers since start, and over the last minute its rate and the failed
+                 share of its tries (/admin/status; what `health` leans on without a health check)
 
 Cost: one pass over the label children of four counter families per `every_s` (a few
 hundred cells for a large config), on the loop; nothing per request.
@@ -79,13 +79,18 @@ class HistorySampler:
                 next_at += self.history.every_s
             await asyncio.sleep(next_at - loop.time())
 
-    def recent_error_rate(self, backend: str) -> tuple[float | None, int]:
-        """(failed share of the backend's tries over the last minute, or None without tries; tries)."""
-        got = self.history.recent_tries(backend, time.time(), RECENT_S)
-        if got is None:
-            return None, 0
-        tries, failed = got
-        return (failed / tries if tries else None), round(tries)
+    def recent(self, backend: str) -> dict[str, Any]:
+        """What /admin/status says of a backend's traffic: its answers since start (read live
+        from the counters), and over the last minute its answers and mirror copies per second
+        and the failed share of its tries (None without tries, or before the first point)."""
+        total = sum(c.value for (_, b, _), c in self.metrics.requests.items() if b == backend)
+        r = self.history.recent(backend, time.time(), RECENT_S)
+        if r is None or not r.span_s:
+            return {"answers_total": round(total), "answers_per_s": None, "mirrored_per_s": None,
+                    "recent_error_rate": None, "recent_tries": 0}
+        return {"answers_total": round(total), "answers_per_s": round(r.answers / r.span_s, 3),
+                "mirrored_per_s": round(r.mirrored / r.span_s, 3),
+                "recent_error_rate": r.failed / r.tries if r.tries else None, "recent_tries": round(r.tries)}
 
     def to_json(self, rt: Runtime) -> dict[str, Any]:
         plan = rt.plan

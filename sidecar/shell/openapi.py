@@ -125,6 +125,9 @@ _SCHEMAS: dict[str, Any] = {
             "recent_error_rate": {**_NUM_OR_NULL, "description": "failed share (0 to 1) of its tries over the last "
                                                                  "minute, mirror copies included; null without tries"},
             "recent_tries": {"type": "integer", "description": "tries behind recent_error_rate"},
+            "answers_total": {"type": "integer", "description": "answers it gave since start, all routes"},
+            "answers_per_s": {**_NUM_OR_NULL, "description": "its answers per second over the last minute"},
+            "mirrored_per_s": {**_NUM_OR_NULL, "description": "mirror copies it took per second, last minute"},
             "fingerprint": {"type": "string"},
         },
     },

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.core.history import History, Snapshot, histogram_quantile
+from sidecar.core.history import History, Recent, Snapshot, histogram_quantile
 
 BOUNDS = (0.01, 0.025, 0.05, 0.1, 0.25)
 
@@ -63,13 +63,14 @@ def test_the_ring_keeps_only_the_last_keep_s():
 def test_recent_tries_sum_the_last_minute():
     """The recent error rate reads the points of the last minute only."""
     h = History(BOUNDS, every_s=5, keep_s=900)
-    assert h.recent_tries("canary", 0.0, 60) is None
+    assert h.recent("canary", 0.0, 60) is None
     failed = 0
     for i in range(40):
         failed += 1 if i >= 30 else 0   # failures start 50 s before the end
         h.record(snap(failed=failed), 5.0 * i)
-    assert h.recent_tries("canary", 5.0 * 39, 60) == (10.0, 10.0)
-    assert h.recent_tries("canary", 5.0 * 39 + 3600, 60) is None   # nothing that recent
+    # 13 points end within the minute (65 s); their tries are the 10 failed ones
+    assert h.recent("canary", 5.0 * 39, 60) == Recent(answers=0.0, tries=10.0, failed=10.0, span_s=65.0)
+    assert h.recent("canary", 5.0 * 39 + 3600, 60) is None   # nothing that recent
 
 
 @given(st.lists(st.integers(0, 1000), min_size=6, max_size=6), st.floats(0, 1))

@@ -59,7 +59,6 @@ def output_dir(tmp_path: Path) -> Path:
 
 async def drive(client, sc, n: int, feedback: bool = False) -> None:
     """`n` predictions (with their labels posted when `feedback`), then one more history point."""
-    points = len(sc.services.history.history.points)
     ids = []
     for i in range(n):
         async with client.post(sc.proxy_url + "/v1/models/fraud:predict", data=b'{"instances": [{"amount": 1}]}',
@@ -70,6 +69,7 @@ async def drive(client, sc, n: int, feedback: bool = False) -> None:
         async with client.post(sc.proxy_url + "/v1/feedback",
                                data=orjson.dumps([{"request_id": rid, "label": 0} for rid in ids])) as r:
             assert r.status == 200
+    points = len(sc.services.history.history.points)
     await until(lambda: len(sc.services.history.history.points) > points + 1, 5, "a history point")
 
 
@@ -85,7 +85,8 @@ async def test_page_charts_traffic_and_highlights_what_is_wrong(upstreams, make_
     cfg["routes"][0].update({
         "sticky": {"header": "x-user-id"},
         "mirror": [{"backend": "shadow", "percent": 100, "compare": {"path": "$.predictions[*]", "tolerance": 0.01}}],
-        "monitor": {"sample": 1.0, "window": 500, "features": {"score": {"from": "response", "path": "$.predictions[*]"}},
+        "monitor": {"sample": 1.0, "window": 500,
+                    "features": {"score": {"from": "response", "path": "$.predictions[*]"}},
                     "reference": {"backend": "stable"}, "drift": {"min_samples": 30, "every": "200ms"}},
         "feedback": {"path": "/v1/feedback", "prediction": {"path": "$.predictions[0]", "threshold": 0.5}},
         "rollout": {"canary": "canary", "baseline": "stable", "steps": [30, 60, 100], "interval": "1h"},
@@ -100,7 +101,7 @@ async def test_page_charts_traffic_and_highlights_what_is_wrong(upstreams, make_
         await drive(client, sc, 60, feedback=True)
 
     async def drifted() -> bool:
-        status, doc = await admin(client, "GET", sc.admin_url + "/admin/status")
+        _, doc = await admin(client, "GET", sc.admin_url + "/admin/status")
         return any(d["backend"] == "canary" and d["drifted"] for d in doc["drift"])
     await until(drifted, 10, "the canary's score drifted")
 
@@ -177,7 +178,8 @@ async def test_page_says_not_configured_and_follows_a_weight_change(upstreams, m
         assert await b.eval(NO_OVERFLOW)
         await b.screenshot(out / "plain-1280.png", 1280)
 
-        status, _ = await admin(client, "PUT", sc.admin_url + "/admin/routes/fraud/weights", {"stable": 30, "canary": 70})
+        status, _ = await admin(client, "PUT", sc.admin_url + "/admin/routes/fraud/weights",
+                                {"stable": 30, "canary": 70})
         assert status == 200
         await b.wait_for("document.querySelector('tr[data-route=\"fraud\"][data-backend=\"canary\"] td.weight')"
                          ".textContent === '70'", what="the new weight on the page")
