@@ -454,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--token", default=default_token(), help="admin token (default: SIDECAR_ADMIN_TOKEN)")
     client.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the admin API (default 10)")
 
-    st = sub.add_parser("status", parents=[client], help="show routes, weights and backends of a running sidecar")
+    st = sub.add_parser("status", parents=[client],
+                        help="summarise a running sidecar: routes, backends, rollouts, mirrors, drift, feedback")
     st.add_argument("--json", action="store_true", help="print /admin/status as JSON")
     st.set_defaults(func=cmd_status)
 
