@@ -57,7 +57,7 @@ class SidecarFactory:
         self.running: list[tuple[Sidecar, asyncio.Task[int]]] = []
 
     async def make(self, config: dict[str, Any], *, access_log_fd: int | None = None, path: Path | None = None,
-                   config_poll_s: float | None = None, history_every_s: float | None = None) -> Sidecar:
+                   config_poll_s: float | None = None, history_every_s: float = EVERY_S) -> Sidecar:
         """With `path`, the config is written there and loaded from it, so it can be reloaded;
         `history_every_s` samples the status page's history faster than the 5 s default."""
         text = yaml.safe_dump(sidecar_config(config))
@@ -68,7 +68,7 @@ class SidecarFactory:
             cfg, secrets = parse_config(text, env=os.environ)
             loaded = LoadedConfig(cfg, config_version(cfg), None, secrets)
         sc = Sidecar(loaded, access_log_fd=access_log_fd, config_poll_s=config_poll_s,
-                     history_every_s=EVERY_S if history_every_s is None else history_every_s)
+                     history_every_s=history_every_s)
         task = asyncio.ensure_future(sc.run())
         ready = asyncio.ensure_future(sc.ready.wait())
         await asyncio.wait({task, ready}, timeout=10, return_when=asyncio.FIRST_COMPLETED)

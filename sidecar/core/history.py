@@ -60,9 +60,10 @@ class Snapshot:
 
 @dataclass(slots=True)
 class BackendPoint:
-    """One backend over one interval, all routes together."""
+    """One backend over one interval, all routes together; counts while `record` adds them
+    up, per second once the point is made."""
 
-    answers: float = 0.0                                    # answers it gave (per interval)
+    answers: float = 0.0                                    # answers it gave
     codes: dict[str, float] = field(default_factory=dict)   # status code -> answers
     tries: float = 0.0                                      # tries on it, mirror copies included
     failed: float = 0.0                                     # of which failed (docs/resilience.md)
@@ -136,6 +137,7 @@ class History:
         self.points: deque[Point] = deque(maxlen=math.ceil(keep_s / every_s))
         self._last: Snapshot | None = None
         self._last_t = 0.0
+        self.serial = 0   # points recorded so far: what a cache of `to_json` is keyed on
 
     def record(self, snap: Snapshot, t: float) -> Point | None:
         """Add the point between the previous snapshot and `snap` (taken at wall time `t`).
@@ -178,8 +180,16 @@ class History:
             bp = backends.setdefault(backend, BackendPoint())
             bp.p50_s = histogram_quantile(0.5, self.bounds, sums)
             bp.p99_s = histogram_quantile(0.99, self.bounds, sums)
-        point = Point(t, t - last_t, backends, routes, dict(snap.weights), dict(snap.agreement),
-                      dict(snap.feedback))
+        dt = t - last_t
+        for bp in backends.values():   # counts -> rates, once, so that reading costs no arithmetic
+            bp.answers, bp.tries, bp.failed, bp.mirrored = bp.answers / dt, bp.tries / dt, bp.failed / dt, \
+                bp.mirrored / dt
+            bp.codes = {c: n / dt for c, n in bp.codes.items()}
+        for rp in routes.values():
+            rp.answers = rp.answers / dt
+            rp.codes = {c: n / dt for c, n in rp.codes.items()}
+        point = Point(t, dt, backends, routes, dict(snap.weights), dict(snap.agreement), dict(snap.feedback))
+        self.serial += 1
         self.points.append(point)
         return point
 
@@ -194,10 +204,10 @@ class History:
             seen = True
             r.span_s += p.dt
             if (bp := p.backends.get(backend)) is not None:
-                r.answers += bp.answers
-                r.tries += bp.tries
-                r.failed += bp.failed
-                r.mirrored += bp.mirrored
+                r.answers += bp.answers * p.dt
+                r.tries += bp.tries * p.dt
+                r.failed += bp.failed * p.dt
+                r.mirrored += bp.mirrored * p.dt
         return r if seen else None
 
     def to_json(self, backends: Sequence[str], routes: Sequence[str]) -> dict[str, Any]:
@@ -207,50 +217,41 @@ class History:
         config's names, in config order) are listed even before they saw traffic.
         """
         pts = list(self.points)
+        empty_b, empty_r = BackendPoint(), RoutePoint()
 
-        def rate(n: float, p: Point) -> float:
-            return round(n / p.dt, 6)
-
-        def col(get: Any) -> list[Any]:
-            return [get(p) for p in pts]
-
-        def codes_of(items: list[dict[str, float] | None]) -> dict[str, list[float | None]]:
-            names = sorted({c for d in items if d for c in d})
-            return {c: [rate(d.get(c, 0.0), p) if d is not None else 0.0 for d, p in zip(items, pts, strict=True)]
-                    for c in names}
+        def codes_of(items: list[dict[str, float]]) -> dict[str, list[float]]:
+            names = sorted({c for d in items for c in d})
+            return {c: [d.get(c, 0.0) for d in items] for c in names}
 
         b_doc: dict[str, Any] = {}
         for name in backends:
-            bps = [p.backends.get(name) for p in pts]
+            bps = [p.backends.get(name, empty_b) for p in pts]
             b_doc[name] = {
-                "answers_per_s": [rate(bp.answers, p) if bp else 0.0 for bp, p in zip(bps, pts, strict=True)],
-                "codes_per_s": codes_of([bp.codes if bp else None for bp in bps]),
-                "tries_per_s": [rate(bp.tries, p) if bp else 0.0 for bp, p in zip(bps, pts, strict=True)],
-                "failed_tries_per_s": [rate(bp.failed, p) if bp else 0.0 for bp, p in zip(bps, pts, strict=True)],
-                "mirrored_per_s": [rate(bp.mirrored, p) if bp else 0.0 for bp, p in zip(bps, pts, strict=True)],
-                "p50_s": [bp.p50_s if bp else None for bp in bps],
-                "p99_s": [bp.p99_s if bp else None for bp in bps],
+                "answers_per_s": [bp.answers for bp in bps],
+                "codes_per_s": codes_of([bp.codes for bp in bps]),
+                "tries_per_s": [bp.tries for bp in bps],
+                "failed_tries_per_s": [bp.failed for bp in bps],
+                "mirrored_per_s": [bp.mirrored for bp in bps],
+                "p50_s": [bp.p50_s for bp in bps],
+                "p99_s": [bp.p99_s for bp in bps],
             }
         r_doc: dict[str, Any] = {}
+        weight_keys = sorted({k for p in pts for k in p.weights})
         for name in routes:
-            rps = [p.routes.get(name) for p in pts]
-            weight_names = sorted({b for p in pts for (r, b) in p.weights if r == name})
+            rps = [p.routes.get(name, empty_r) for p in pts]
             r_doc[name] = {
-                "answers_per_s": [rate(rp.answers, p) if rp else 0.0 for rp, p in zip(rps, pts, strict=True)],
-                "codes_per_s": codes_of([rp.codes if rp else None for rp in rps]),
-                "weights": {b: col(lambda p, k=(name, b): p.weights.get(k)) for b in weight_names},
+                "answers_per_s": [rp.answers for rp in rps],
+                "codes_per_s": codes_of([rp.codes for rp in rps]),
+                "weights": {b: [p.weights.get((r, b)) for p in pts] for r, b in weight_keys if r == name},
             }
-        mirror_keys = sorted({k for p in pts for k in p.agreement})
-        feedback_keys = sorted({k for p in pts for k in p.feedback})
         return {
             "every_s": self.every_s,
             "keep_s": self.keep_s,
-            "time": col(lambda p: p.t),
+            "time": [p.t for p in pts],
             "backends": b_doc,
             "routes": r_doc,
-            "mirrors": [{"route": r, "backend": b, "agreement": col(lambda p, k=(r, b): p.agreement.get(k))}
-                        for r, b in mirror_keys],
-            "feedback": [{"route": r, "backend": b, "metric": m,
-                          "values": col(lambda p, k=(r, b, m): p.feedback.get(k))}
-                         for r, b, m in feedback_keys],
+            "mirrors": [{"route": r, "backend": b, "agreement": [p.agreement.get((r, b)) for p in pts]}
+                        for r, b in sorted({k for p in pts for k in p.agreement})],
+            "feedback": [{"route": r, "backend": b, "metric": m, "values": [p.feedback.get((r, b, m)) for p in pts]}
+                         for r, b, m in sorted({k for p in pts for k in p.feedback})],
         }

@@ -554,7 +554,8 @@ async def page(request: web.Request) -> web.Response:
 async def history(request: web.Request) -> web.Response:
     """GET /admin/history: the status page's charts, a point per 5 s over 15 minutes (shell/history.py)."""
     sidecar = request.app[SIDECAR_KEY]
-    return json_response(sidecar.services.history.to_json(sidecar.proxy.runtime))
+    return web.Response(body=sidecar.services.history.to_json_bytes(sidecar.proxy.runtime),
+                        content_type="application/json")
 
 
 async def openapi(request: web.Request) -> web.Response:

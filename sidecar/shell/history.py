@@ -4,14 +4,14 @@ cells and live gauges goes into core/history.py's bounded ring (docs/reference/a
     run()        the loop, in the server's TaskGroup (shell/services.py `tasks`)
     sample()     read the counters (shell/metrics.py cells), the effective weights, mirror
                  agreement and the feedback metric; one `History.record`
-    to_json()    GET /admin/history
+    to_json_bytes()  GET /admin/history (cached until the next point)
     recent(backend)  its answers since start, and over the last minute its rate and the failed
                  share of its tries (/admin/status; what `health` leans on without a health check)
 
 Cost: one pass over the label children of four counter families per `every_s` (a few
 hundred cells for a large config), on the loop; nothing per request.
 
-Imports: stdlib, sidecar.core, sidecar.shell (metrics, mirror, feedback, runtime).
+Imports: stdlib, orjson, sidecar.core, sidecar.shell (metrics, mirror, feedback, runtime).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import logging
 import time
 from collections.abc import Callable
 from typing import Any, Final
+
+import orjson
 
 from sidecar.core.history import History, Snapshot
 from sidecar.core.outcome import Outcome
@@ -44,6 +46,7 @@ class HistorySampler:
         self.metrics, self.mirrors, self.feedback = metrics, mirrors, feedback
         self.history = History(LATENCY_BUCKETS, every_s, max(keep_s, every_s))
         self._live: Callable[[], Runtime] | None = None
+        self._cached: tuple[tuple[int, str], bytes] | None = None
 
     def bind(self, live: Callable[[], Runtime]) -> None:
         """`live()` is the runtime serving at sampling time (shell/services.py `bind_gauges`)."""
@@ -92,6 +95,12 @@ class HistorySampler:
                 "mirrored_per_s": round(r.mirrored / r.span_s, 3),
                 "recent_error_rate": r.failed / r.tries if r.tries else None, "recent_tries": round(r.tries)}
 
-    def to_json(self, rt: Runtime) -> dict[str, Any]:
+    def to_json_bytes(self, rt: Runtime) -> bytes:
+        """GET /admin/history's body; built at most once per point and config (a page open in
+        several browsers, refreshing every 2 s, costs one build per `every_s`)."""
         plan = rt.plan
-        return self.history.to_json(list(plan.backends), [r.name for r in plan.routes])
+        key = (self.history.serial, plan.version)
+        if self._cached is None or self._cached[0] != key:
+            doc = self.history.to_json(list(plan.backends), [r.name for r in plan.routes])
+            self._cached = (key, orjson.dumps(doc))
+        return self._cached[1]
