@@ -216,7 +216,8 @@ def _ms(x: float | None) -> str:
     return "-" if x is None else f"{1000 * x:.1f}ms"
 
 
-AGREEMENT_FLOOR = 0.95   # as the status page: a shadow agreeing less is marked
+AGREEMENT_FLOOR = 0.95   # as the status page: a shadow agreeing less is marked ...
+ERROR_RATE_MARK = 0.05   # ... and a backend failing more of its tries over the last minute
 
 
 def _rate(x: float | None) -> str:
@@ -258,7 +259,7 @@ def format_status(doc: dict[str, Any]) -> str:
                   "p50/p99: its last 2048 answers)"]
     rows = []
     for b in doc["backends"]:
-        failing = (b.get("recent_error_rate") or 0) > 0.05 or b.get("circuit") == "open"
+        failing = (b.get("recent_error_rate") or 0) > ERROR_RATE_MARK or b.get("circuit") == "open"
         rows.append([b["name"], _model(b.get("model")), str(b.get("answers_total", b.get("requests", 0))),
                      _rate(b.get("answers_per_s")), _rate(b.get("mirrored_per_s")), _pct(b.get("recent_error_rate")),
                      _ms(b.get("p50_s")),
