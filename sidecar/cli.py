@@ -231,33 +231,104 @@ def _ms(x: float | None) -> str:
     return "-" if x is None else f"{1000 * x:.1f}ms"
 
 
+AGREEMENT_FLOOR = 0.95   # as the status page: a shadow agreeing less is marked ...
+ERROR_RATE_MARK = 0.05   # ... and a backend failing more of its tries over the last minute
+
+
+def _rate(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}/s"
+
+
+def _model(m: Any) -> str:
+    """A backend's `model` ({name, version, alias}, added by the registry) in one word, or "-"."""
+    if not isinstance(m, dict) or not m.get("name"):
+        return "-"
+    text = str(m["name"]) + (f" v{m['version']}" if m.get("version") is not None else "")
+    return text + (f" @{m['alias']}" if m.get("alias") is not None else "")
+
+
+def _health(b: dict[str, Any]) -> str:
+    """"healthy" only with a health check; else "not checked" (the errors column tells the rest)."""
+    health = b.get("health") or ("healthy" if b.get("healthy") else "unhealthy")
+    return health.upper() if health in ("unhealthy", "ejected") else health
+
+
 def format_status(doc: dict[str, Any]) -> str:
-    """The `sidecar status` table: a readable summary of /admin/status."""
-    lines = [f"config {doc['version']}  up {doc['uptime_s']:.0f}s  {doc['inflight']} in flight"
-             f"{'  DRAINING' if doc.get('draining') else ''}"]
+    """The `sidecar status` summary of /admin/status: routes, backends, rollouts, mirrors,
+    drift, feedback; what is wrong in capitals or marked with `<-` (docs/reference/cli.md#status)."""
+    state = "DRAINING" if doc.get("draining") else "ready" if doc.get("ready") else "starting"
+    lines = [f"sidecar {doc.get('sidecar_version', '?')}  config {doc['version']}  up {doc['uptime_s']:.0f}s  "
+             f"{state}  {doc['inflight']} in flight"]
     last = doc.get("last_reload")
     if last:
         lines.append(f"last reload: {last['result']} ({last['reason']}) -> {last['version']}")
         lines.extend(f"  error: {e}" for e in last.get("errors", []))
         lines.extend(f"  warning: {w}" for w in last.get("warnings", []))
-    lines.append("")
+    lines += ["", "ROUTES"]
     rows = [[r["name"], b, f"{r['weights'][b]:g}", f"{r['current_weights'][b]:g}", _pct(r["effective"][b]),
-             "override" if r["override"] else ""]
+             "override" if r["override"] and not r.get("rollout") else ""]
             for r in doc["routes"] for b in r["backends"]]
     lines += _table(["ROUTE", "BACKEND", "CONFIGURED", "IN USE", "EFFECTIVE", ""], rows)
-    lines.append("")
+
+    lines += ["", "BACKENDS  (rate, mirror copies and errors: per second and failed tries over the last minute; "
+                  "p50/p99: its last 2048 answers)"]
     rows = []
     for b in doc["backends"]:
-        health = ("available" if b["available"] else "at capacity") if b.get("healthy") is None \
-            else ("healthy" if b["healthy"] else "UNHEALTHY")
-        rows.append([b["name"], health, b.get("circuit") or "-", str(b["inflight"]), _ms(b.get("p50_s")),
-                     _ms(b.get("p95_s")), _ms(b.get("p99_s")), _pct(b.get("error_rate")), b["url"]])
-    lines += _table(["BACKEND", "HEALTH", "CIRCUIT", "INFLIGHT", "P50", "P95", "P99", "ERRORS", "URL"], rows)
+        failing = (b.get("recent_error_rate") or 0) > ERROR_RATE_MARK or b.get("circuit") == "open"
+        rows.append([b["name"], _model(b.get("model")), str(b.get("answers_total", b.get("requests", 0))),
+                     _rate(b.get("answers_per_s")), _rate(b.get("mirrored_per_s")), _pct(b.get("recent_error_rate")),
+                     _ms(b.get("p50_s")),
+                     _ms(b.get("p99_s")), (b.get("circuit") or "-").upper() if b.get("circuit") == "open"
+                     else b.get("circuit") or "-", _health(b), str(b["inflight"]), "<-" if failing else ""])
+    lines += _table(["BACKEND", "MODEL", "REQUESTS", "RATE", "MIRRORED", "ERRORS", "P50", "P99", "CIRCUIT", "HEALTH",
+                     "INFLIGHT", ""], rows)
+
+    rollouts = [r for r in doc["routes"] if r.get("rollout")]
+    lines += ["", "ROLLOUTS" + ("" if rollouts else ": none configured")]
+    for r in rollouts:
+        ro = r["rollout"]
+        weights = " ".join(f"{b}={w}%" for b, w in ro["weights"].items())
+        lines.append(f"  {r['name']}: {ro['state'].upper() if ro['state'] == 'rolled_back' else ro['state']}, "
+                     f"step {ro['step'] + 1} of {len(ro['steps'])} ({' -> '.join(map(str, ro['steps']))}%), {weights}"
+                     + (" [dry run]" if ro.get("dry_run") else "") + (f"; {ro['reason']}" if ro.get("reason") else ""))
+        if (d := ro.get("last_decision")) is not None:
+            lines.append(f"    last decision: {d['verdict']} -> {d['action']}: {d['reason']}")
+
+    mirrors = doc.get("mirrors") or []
+    lines += ["", "MIRRORS" + ("" if mirrors else ": none configured")]
+    if mirrors:
+        rows = []
+        for m in mirrors:
+            low = m.get("agreement") is not None and m["agreement"] < AGREEMENT_FLOOR
+            agreement = _pct(m.get("agreement")) if m.get("compare") else "not compared"
+            rows.append([m["route"], m["backend"], f"{m['percent']:g}%", str(m["sent"]), str(m["dropped"]),
+                         str(m.get("compared", "-")), agreement, f"<- below {AGREEMENT_FLOOR:.0%}" if low else ""])
+        lines += _table(["ROUTE", "SHADOW", "SHARE", "SENT", "DROPPED", "COMPARED", "AGREEMENT", ""], rows)
+
+    drift = doc.get("drift") or []
+    lines += ["", "DRIFT" + ("" if drift else ": none configured")]
+    if drift:
+        rows = [[d["route"], d["backend"], d["feature"], d.get("test") or "-", _num(d.get("p_value")),
+                 _num(d.get("psi")), f"{d.get('n_ref', 0)}/{d.get('n_cur', 0)}",
+                 "DRIFTED" if d.get("drifted") else "no drift" if d.get("drifted") is False
+                 else d.get("status") or "waiting"]
+                for d in sorted(drift, key=lambda d: not d.get("drifted"))]
+        lines += _table(["ROUTE", "BACKEND", "FEATURE", "TEST", "P-VALUE", "PSI", "SAMPLES", "VERDICT"], rows)
+
+    feedback = doc.get("feedback") or []
+    lines += ["", "FEEDBACK" + ("" if feedback else ": none joined or configured")]
+    if feedback:
+        rows = [[f["route"], f["backend"], f["metric"],
+                 _pct(f.get("value")) if f["metric"] == "accuracy" else _num(f.get("value")), str(f["count"])]
+                for f in feedback]
+        lines += _table(["ROUTE", "BACKEND", "METRIC", "VALUE", "JOINED"], rows)
+
     known = {"sidecar_version", "version", "config_path", "state_dir", "started_at", "uptime_s", "ready",
-             "draining", "inflight", "last_reload", "routes", "backends"}
+             "draining", "inflight", "last_reload", "routes", "backends", "rollout_decisions", "mirrors", "drift",
+             "feedback"}
     for key, value in doc.items():
         if key not in known:
-            lines += ["", f"{key}:", orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()]
+            lines += ["", f"{key.upper()}:", orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()]
     return "\n".join(lines)
 
 
@@ -401,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--token", default=default_token(), help="admin token (default: SIDECAR_ADMIN_TOKEN)")
     client.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the admin API (default 10)")
 
-    st = sub.add_parser("status", parents=[client], help="show routes, weights and backends of a running sidecar")
+    st = sub.add_parser("status", parents=[client],
+                        help="summarise a running sidecar: routes, backends, rollouts, mirrors, drift, feedback")
     st.add_argument("--json", action="store_true", help="print /admin/status as JSON")
     st.set_defaults(func=cmd_status)
 

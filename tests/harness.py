@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from sidecar.config.load import LoadedConfig, config_version, load_config, parse_config
+from sidecar.shell.history import EVERY_S
 from sidecar.shell.server import Sidecar
 
 
@@ -56,8 +57,9 @@ class SidecarFactory:
         self.running: list[tuple[Sidecar, asyncio.Task[int]]] = []
 
     async def make(self, config: dict[str, Any], *, access_log_fd: int | None = None, path: Path | None = None,
-                   config_poll_s: float | None = None) -> Sidecar:
-        """With `path`, the config is written there and loaded from it, so it can be reloaded."""
+                   config_poll_s: float | None = None, history_every_s: float = EVERY_S) -> Sidecar:
+        """With `path`, the config is written there and loaded from it, so it can be reloaded;
+        `history_every_s` samples the status page's history faster than the 5 s default."""
         text = yaml.safe_dump(sidecar_config(config))
         if path is not None:
             await asyncio.to_thread(path.write_text, text)
@@ -65,7 +67,8 @@ class SidecarFactory:
         else:
             cfg, secrets = parse_config(text, env=os.environ)
             loaded = LoadedConfig(cfg, config_version(cfg), None, secrets)
-        sc = Sidecar(loaded, access_log_fd=access_log_fd, config_poll_s=config_poll_s)
+        sc = Sidecar(loaded, access_log_fd=access_log_fd, config_poll_s=config_poll_s,
+                     history_every_s=history_every_s)
         task = asyncio.ensure_future(sc.run())
         ready = asyncio.ensure_future(sc.ready.wait())
         await asyncio.wait({task, ready}, timeout=10, return_when=asyncio.FIRST_COMPLETED)

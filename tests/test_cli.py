@@ -10,7 +10,9 @@ import pytest
 from sidecar.cli import main
 from tests import upstreams as u
 from tests.conftest import MakeSidecar
+from tests.harness import until
 from tests.shell.test_reload import TWO_ERRORS, fraud, two_mistakes, write_config
+from tests.shell.test_status_page import scorer
 
 TOKEN = "cli-token"
 
@@ -32,6 +34,59 @@ async def test_status_table_and_json(upstreams, make_sidecar: MakeSidecar, capfd
     assert await run_cli("status", "--json", "--admin", sc.admin_url) == 0
     doc = orjson.loads(capfd.readouterr().out)
     assert doc["routes"][0]["name"] == "fraud"
+
+
+async def test_status_summary_of_a_busy_sidecar(upstreams, make_sidecar: MakeSidecar, client, capfd):
+    """Per backend its requests, rate, failed tries, p99, circuit and health ("not checked"
+    without a health check); mirrors' agreement as a percentage, drift and the rollout, marked
+    where something is wrong; sections with nothing configured say so."""
+    stable = await upstreams.start(scorer(0.2, 1), name="stable")
+    canary = await upstreams.start(scorer(0.8, 2, fail_every=4), name="canary")
+    shadow = await upstreams.start(scorer(0.6, 3), name="shadow")
+    cfg = fraud(stable.url, canary.url, weights=(50, 50))
+    cfg["backends"]["shadow"] = {"url": shadow.url}
+    cfg["backends"]["stable"]["health_check"] = {"path": "/health", "interval": "1s"}
+    cfg["routes"][0].update({
+        "mirror": [{"backend": "shadow", "percent": 100, "compare": {"path": "$.predictions[*]", "tolerance": 0.01}}],
+        "monitor": {"sample": 1.0, "features": {"score": {"from": "response", "path": "$.predictions[*]"}},
+                    "reference": {"backend": "stable"}, "drift": {"min_samples": 30, "every": "200ms"}},
+        "rollout": {"canary": "canary", "baseline": "stable", "steps": [50, 100], "interval": "1h"},
+    })
+    sc = await make_sidecar(cfg, history_every_s=0.2)
+    for i in range(200):
+        async with client.post(sc.proxy_url + "/v1/models/fraud:predict", data=b"{}",
+                               headers={"x-user-id": str(i)}) as r:
+            await r.read()
+    points = len(sc.services.history.history.points)
+    await until(lambda: len(sc.services.history.history.points) > points + 1, 5, "a history point")
+    await until(lambda: any(row.result is not None and row.result.drifted
+                            for row in sc.services.monitor.drift_rows()), 10, "the canary's drift")
+    assert await run_cli("status", "--admin", sc.admin_url) == 0
+    out = capfd.readouterr().out
+    lines = out.splitlines()
+
+    def row(section: str, first: list[str]) -> list[str]:
+        start = next(i for i, line in enumerate(lines) if line.startswith(section))
+        return next(line.split() for line in lines[start:] if line.split()[:len(first)] == first)
+
+    answered = {b: sum(c.value for (_, name, _), c in sc.services.metrics.requests.items() if name == b)
+                for b in ("stable", "canary")}
+    assert answered["stable"] + answered["canary"] == 200
+    stable_row, canary_row = row("BACKENDS", ["stable"]), row("BACKENDS", ["canary"])
+    # BACKEND MODEL REQUESTS RATE MIRRORED ERRORS P50 P99 CIRCUIT HEALTH INFLIGHT
+    assert stable_row[1] == "-" and stable_row[2] == str(round(answered["stable"]))
+    assert stable_row[3].endswith("/s") and float(stable_row[3][:-2]) > 0
+    assert stable_row[5] == "0.0%" and stable_row[7].endswith("ms") and stable_row[8:10] == ["closed", "healthy"]
+    assert canary_row[2] == str(round(answered["canary"])) and canary_row[9:11] == ["not", "checked"]
+    assert 15 < float(canary_row[5].rstrip("%")) < 35 and canary_row[-1] == "<-"   # every 4th try fails
+    shadow_backend = row("BACKENDS", ["shadow"])
+    assert shadow_backend[2] == "0" and float(shadow_backend[4][:-2]) > 0   # it answers mirror copies only
+    shadow_row = row("MIRRORS", ["fraud", "shadow"])
+    assert shadow_row[2] == "100%" and float(shadow_row[6].rstrip("%")) < 20 and shadow_row[7:9] == ["<-", "below"]
+    assert row("DRIFT", ["fraud", "canary", "score"])[-1] == "DRIFTED"
+    assert "  fraud: progressing, step 1 of 2 (50 -> 100%), canary=50% stable=50%" in lines
+    assert "FEEDBACK: none joined or configured" in lines
+    assert "mirrors: [" not in out and "drift: [" not in out
 
 
 async def test_weights_blue_green_and_refusals(upstreams, make_sidecar: MakeSidecar, capfd):

@@ -13,6 +13,7 @@
     GET    /admin/routes/{route}/rollout     the rollout: state, step, weights, decisions
     POST   /admin/routes/{route}/rollout/{action}  pause, resume, promote, rollback, restart (409: not allowed)
     GET    /admin/feedback                   feedback per route, backend and segment value
+    GET    /admin/history                    the status page's charts: rates, codes, p50/p99, weights over time
     GET    /admin/openapi.json               OpenAPI 3.1 of all of the above
 
 Guard (one middleware, `_guard`), its checks in this order; the first that fails answers:
@@ -338,9 +339,21 @@ def backend_status(sidecar: AdminHost, rt: Runtime, name: str) -> dict[str, Any]
         "p99_s": latency.p99 if latency else None,
         "error_rate": latency.error_rate if latency else None,
         "requests": latency.count if latency else 0,
+        **backend_health(sidecar, name, checked=plan.health_check is not None,
+                         available=endpoints.available(now)),
         "fingerprint": plan.fingerprint,
     }
     return doc
+
+
+def backend_health(sidecar: AdminHost, name: str, *, checked: bool, available: bool) -> dict[str, Any]:
+    """`health` says "healthy" only of a backend whose health checks pass; without a health
+    check it is "not checked" (or "ejected" when outlier detection took out every endpoint),
+    and `recent_error_rate` (failed tries over the last minute, mirror copies included) is
+    what tells how it does (docs/reference/admin-api.md#backend-health). With its answers
+    since start and per second over the last minute (shell/history.py)."""
+    health = ("healthy" if available else "unhealthy") if checked else ("not checked" if available else "ejected")
+    return {"health": health, "health_checked": checked, **sidecar.services.history.recent(name)}
 
 
 def status_document(sidecar: AdminHost) -> dict[str, Any]:
@@ -521,9 +534,28 @@ async def post_rollout(request: web.Request) -> web.Response:
 # -- page and API description ---------------------------------------------------------------------------
 
 
+def status_page() -> bytes:
+    """static/status.html with the vendored chart library (uPlot, MIT: static/uPlot.LICENSE)
+    inlined where its markers stand: one public path, no other request, works offline."""
+    static = resources.files("sidecar.shell").joinpath("static")
+    html = static.joinpath("status.html").read_bytes()
+    css = static.joinpath("uPlot.min.css").read_bytes()
+    js = static.joinpath("uPlot.iife.min.js").read_bytes()
+    assert b"</script" not in js.lower() and b"</style" not in css.lower()
+    return (html.replace(b"<!-- uPlot.min.css -->", b"<style>" + css + b"</style>", 1)
+                .replace(b"<!-- uPlot.iife.min.js -->", b"<script>" + js + b"</script>", 1))
+
+
 async def page(request: web.Request) -> web.Response:
     return web.Response(body=request.app[PAGE_KEY], content_type="text/html", charset="utf-8",
                         headers={"cache-control": "no-store"})
+
+
+async def history(request: web.Request) -> web.Response:
+    """GET /admin/history: the status page's charts, a point per 5 s over 15 minutes (shell/history.py)."""
+    sidecar = request.app[SIDECAR_KEY]
+    return web.Response(body=sidecar.services.history.to_json_bytes(sidecar.proxy.runtime),
+                        content_type="application/json")
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -533,7 +565,7 @@ async def openapi(request: web.Request) -> web.Response:
 def build_admin_app(sidecar: AdminHost) -> web.Application:
     app = web.Application(middlewares=[_guard])
     app[SIDECAR_KEY] = sidecar
-    app[PAGE_KEY] = resources.files("sidecar.shell").joinpath("static/status.html").read_bytes()
+    app[PAGE_KEY] = status_page()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
@@ -549,4 +581,5 @@ def build_admin_app(sidecar: AdminHost) -> web.Application:
     app.router.add_get("/admin/mirrors", mirrors)
     app.router.add_get("/admin/drift", drift)
     app.router.add_get("/admin/feedback", feedback)
+    app.router.add_get("/admin/history", history)
     return app

@@ -118,7 +118,45 @@ _SCHEMAS: dict[str, Any] = {
             "p50_s": _NUM_OR_NULL, "p95_s": _NUM_OR_NULL, "p99_s": _NUM_OR_NULL,
             "error_rate": {**_NUM_OR_NULL, "description": "ratio 0 to 1, last requests over all routes"},
             "requests": {"type": "integer", "description": "requests behind the percentiles"},
+            "health": {"enum": ["healthy", "unhealthy", "not checked", "ejected"],
+                       "description": "healthy/unhealthy only with a health_check; without one, not checked (or "
+                                      "ejected: outlier detection took out every endpoint): read recent_error_rate"},
+            "health_checked": {"type": "boolean", "description": "the backend has a health_check"},
+            "recent_error_rate": {**_NUM_OR_NULL, "description": "failed share (0 to 1) of its tries over the last "
+                                                                 "minute, mirror copies included; null without tries"},
+            "recent_tries": {"type": "integer", "description": "tries behind recent_error_rate"},
+            "answers_total": {"type": "integer", "description": "answers it gave since start, all routes"},
+            "answers_per_s": {**_NUM_OR_NULL, "description": "its answers per second over the last minute"},
+            "mirrored_per_s": {**_NUM_OR_NULL, "description": "mirror copies it took per second, last minute"},
             "fingerprint": {"type": "string"},
+        },
+    },
+    "Series": {"type": "array", "items": _NUM_OR_NULL,
+               "description": "one value per point of `time` (null: none then)"},
+    "History": {
+        "type": "object",
+        "description": "a point every every_s over the last keep_s; rates are per second over each point's "
+                       "interval; p50/p99 interpolated within the histogram's buckets",
+        "properties": {
+            "every_s": {"type": "number"}, "keep_s": {"type": "number"},
+            "time": {"type": "array", "items": {"type": "number"}, "description": "Unix time at each point's end"},
+            "backends": {"type": "object", "additionalProperties": {"type": "object", "properties": {
+                "answers_per_s": _ref("Series"),
+                "codes_per_s": {"type": "object", "additionalProperties": _ref("Series"),
+                                "description": "answers per second by status code"},
+                "tries_per_s": _ref("Series"), "failed_tries_per_s": _ref("Series"),
+                "mirrored_per_s": _ref("Series"), "p50_s": _ref("Series"), "p99_s": _ref("Series")}}},
+            "routes": {"type": "object", "additionalProperties": {"type": "object", "properties": {
+                "answers_per_s": _ref("Series"),
+                "codes_per_s": {"type": "object", "additionalProperties": _ref("Series"),
+                                "description": "what clients got, sidecar-made answers included"},
+                "weights": {"type": "object", "additionalProperties": _ref("Series"),
+                            "description": "effective share (0 to 1) per backend"}}}},
+            "mirrors": {"type": "array", "items": {"type": "object", "properties": {
+                "route": {"type": "string"}, "backend": {"type": "string"}, "agreement": _ref("Series")}}},
+            "feedback": {"type": "array", "items": {"type": "object", "properties": {
+                "route": {"type": "string"}, "backend": {"type": "string"}, "metric": {"type": "string"},
+                "values": _ref("Series")}}},
         },
     },
     "Status": {
@@ -253,6 +291,10 @@ _paths: dict[str, dict[str, Any]] = {
                         "segment": {"type": "string"}, "value": {"type": "string"},
                         "count": {"type": "integer"}, "metric": _NUM_OR_NULL,
                         "too_small": {"type": "boolean"}}}}}}}}}}}}, "feedback"), **_ERR}}},
+    "/admin/history": {"get": {
+        "summary": "the status page's charts: per backend and route, answers by status code, tries, failures, "
+                   "p50/p99, weights, mirror agreement and feedback, a point every 5 s over 15 minutes",
+        "responses": {"200": _json(_ref("History"), "history"), **_ERR}}},
     "/admin/reload": {"post": {
         "summary": "re-read and validate the config file; swap it in when valid",
         "responses": {"200": _json(_ref("ReloadResult"), "reloaded (result ok) or no change (result unchanged)"),

@@ -36,6 +36,7 @@ from aiohttp import web
 from sidecar.config.load import LoadedConfig
 from sidecar.config.plan import Plan
 from sidecar.shell.admin import StatusProvider, build_admin_app
+from sidecar.shell.history import EVERY_S
 from sidecar.shell.listener import Listener
 from sidecar.shell.proxy import Proxy
 from sidecar.shell.reload import Reloader
@@ -69,10 +70,11 @@ class Sidecar:
     """One sidecar process's serving state. `await run()` serves until stopped."""
 
     def __init__(self, loaded: LoadedConfig, *, install_signals: bool = False,
-                 access_log_fd: int | None = None, config_poll_s: float | None = None) -> None:
+                 access_log_fd: int | None = None, config_poll_s: float | None = None,
+                 history_every_s: float = EVERY_S) -> None:
         self.config_path: Path | None = loaded.path
         plan = Plan.build(loaded)
-        self.services = Services(plan, loaded.path, random.random, access_log_fd)
+        self.services = Services(plan, loaded.path, random.random, access_log_fd, history_every_s)
         self.proxy = Proxy(Runtime.build(plan), self.services, random.random)
         self.services.bind_gauges(lambda: self.proxy.runtime)
         self.ready = asyncio.Event()

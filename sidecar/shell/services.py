@@ -12,6 +12,7 @@ the one owner) and handed to whoever uses it (the proxy, the admin API, the relo
     feedback     the feedback trackers, their worker thread and snapshots (shell/feedback.py)
     notifier     rollout webhooks (shell/notify.py)
     rollouts     the rollout driver: state, judging, its file (shell/rollout_driver.py)
+    history      the status page's charts: counters sampled every 5 s (shell/history.py)
 
 Their lifecycle, each step in one place:
 
@@ -25,8 +26,8 @@ Their lifecycle, each step in one place:
 A capability that must outlive a reload (the rollout driver, fleet membership, notifications)
 becomes a field here and joins these steps; everything else reaches it as `services.<name>`.
 
-Imports: stdlib, sidecar.config, sidecar.shell (accesslog, feedback, metrics, mirror, monitor, notify,
-rollout_driver, runtime, state).
+Imports: stdlib, sidecar.config, sidecar.shell (accesslog, feedback, history, metrics, mirror, monitor,
+notify, rollout_driver, runtime, state).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import Any
 from sidecar.config.plan import Plan
 from sidecar.shell.accesslog import AccessLog
 from sidecar.shell.feedback import Feedback
+from sidecar.shell.history import EVERY_S, HistorySampler
 from sidecar.shell.metrics import Metrics, loop_task_samples
 from sidecar.shell.mirror import Mirrors
 from sidecar.shell.monitor import Monitor
@@ -51,7 +53,7 @@ class Services:
     """See the module docstring. One per `Sidecar`."""
 
     def __init__(self, plan: Plan, config_path: Path | None, rng: Callable[[], float],
-                 access_log_fd: int | None = None) -> None:
+                 access_log_fd: int | None = None, history_every_s: float = EVERY_S) -> None:
         self.metrics = Metrics()
         self.access_log = AccessLog(self.metrics.access_log_dropped.labels(), access_log_fd)
         self.mirrors = Mirrors(self.metrics, rng)
@@ -62,6 +64,7 @@ class Services:
         self.overrides = Overrides(resolve_state_dir(plan.config.state_dir, config_path))
         self.notifier = Notifier(self.metrics)
         self.rollouts = RolloutDriver(self.metrics, self.overrides, self.overrides.state_dir, self.notifier)
+        self.history = HistorySampler(self.metrics, self.mirrors, self.feedback, history_every_s)
         self._follow(plan)
 
     def _follow(self, plan: Plan) -> None:
@@ -80,7 +83,7 @@ class Services:
     def tasks(self) -> dict[str, Coroutine[Any, Any, None]]:
         """The background loops, by task name; each runs until cancelled."""
         return {"access-log": self.access_log.run(), "monitor": self.monitor.run(), "feedback": self.feedback.run(),
-                "rollouts": self.rollouts.run(), "notify": self.notifier.run()}
+                "rollouts": self.rollouts.run(), "notify": self.notifier.run(), "history": self.history.run()}
 
     def bind_gauges(self, live: Callable[[], Runtime]) -> None:
         """The one place where callback gauges are bound to what they read at scrape time.
@@ -95,6 +98,7 @@ class Services:
         m.backend_healthy.read = lambda: live().healthy_samples()
         m.endpoint_ejected.read = lambda: live().ejected_samples()
         m.config_info.read = lambda: [((live().plan.version,), 1.0)]
+        self.history.bind(live)
         # rollouts
         m.rollout_step.read = self.rollouts.step_samples
         m.rollout_state.read = self.rollouts.state_samples
