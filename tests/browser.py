@@ -16,9 +16,8 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
-import pytest
 
-from tests.harness import until
+from tests.harness import missing, until
 
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -39,7 +38,7 @@ class Browser:
 
     async def __aenter__(self) -> Browser:
         if not CHROMIUM.exists():  # noqa: ASYNC240 (a stat, before anything runs)
-            pytest.skip("headless Chromium is not installed (/usr/bin/chromium; .ci/run installs it)")
+            missing("headless Chromium is not installed (/usr/bin/chromium; .ci/run installs it)")
         self.profile.mkdir(parents=True, exist_ok=True)
         self.proc = await asyncio.create_subprocess_exec(
             str(CHROMIUM), *FLAGS, f"--user-data-dir={self.profile}", "about:blank",

@@ -10,8 +10,9 @@ import inspect
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import pytest
 import yaml
 
 from sidecar.config.load import LoadedConfig, config_version, load_config, parse_config
@@ -71,12 +72,12 @@ class SidecarFactory:
                      history_every_s=history_every_s)
         task = asyncio.ensure_future(sc.run())
         ready = asyncio.ensure_future(sc.ready.wait())
-        await asyncio.wait({task, ready}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, ready}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
         if task.done():
             ready.cancel()
             task.result()  # raises what went wrong
             raise AssertionError("sidecar stopped before it was ready")
-        assert sc.ready.is_set(), "sidecar not ready within 10 s"
+        assert sc.ready.is_set(), "sidecar not ready within 30 s"
         self.running.append((sc, task))
         return sc
 
@@ -86,3 +87,11 @@ class SidecarFactory:
         for _, task in self.running:
             await asyncio.wait_for(task, 15)
         self.running.clear()
+
+
+def missing(what: str) -> NoReturn:
+    """A tool a test needs is not installed: skip on a developer's machine, fail in CI (`CI=true`, set by
+    .ci/run, which installs every such tool)."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(what)
+    pytest.skip(what)

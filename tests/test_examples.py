@@ -25,9 +25,8 @@ from sidecar.config.model import Config
 from sidecar.errors import ConfigError
 from tests import upstreams as u
 from tests.conftest import MakeSidecar
-from tests.harness import until
+from tests.harness import missing, until
 from tests.test_docs import _CODE_POINTER, anchors
-from tests.test_examples_monitoring import missing
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

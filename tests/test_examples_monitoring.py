@@ -6,21 +6,19 @@ a Grafana panel queries is one a running sidecar exports. promtool is Debian's `
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NamedTuple
 
 import aiohttp
-import pytest
 import yaml
 
 from sidecar.shell.metrics import Metrics
 from tests import upstreams as u
 from tests.conftest import MakeSidecar
-from tests.harness import until
+from tests.harness import missing, until
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -34,12 +32,6 @@ TARGET_LABELS = {"job", "instance", "namespace", "pod"}
 # Grafana's interval variables stand for a duration in a range; everything else is inside strings.
 GRAFANA_DURATIONS = re.compile(r"\$__(rate_)?interval|\$__range")
 
-
-def missing(what: str) -> NoReturn:
-    """Skip on a developer's machine without the tool; fail in CI (CI=true), where .ci/run installs it."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(what)
-    pytest.skip(what)
 
 
 def promtool() -> str:
