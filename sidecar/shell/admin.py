@@ -339,6 +339,7 @@ def backend_status(sidecar: AdminHost, rt: Runtime, name: str) -> dict[str, Any]
         "error_rate": latency.error_rate if latency else None,
         "requests": latency.count if latency else 0,
         "fingerprint": plan.fingerprint,
+        "model": sidecar.services.registry.model_json(name),   # {name, version, alias}; null: none configured
     }
     return doc
 
@@ -378,7 +379,8 @@ async def status(request: web.Request) -> web.Response:
 
 
 def masked_config(plan: Plan) -> dict[str, Any]:
-    """The running config as JSON with admin.token, URL passwords and `${*TOKEN*}`-like values masked."""
+    """The running config as JSON with admin.token, registry.mlflow.token, URL passwords and
+    `${*TOKEN*}`-like values masked."""
     secret = plan.secret_places
 
     def walk(node: Any, loc: list[int | str]) -> Any:
@@ -395,6 +397,8 @@ def masked_config(plan: Plan) -> dict[str, Any]:
     doc: dict[str, Any] = walk(plan.config.model_dump(mode="json"), [])
     if doc["admin"]["token"]:
         doc["admin"]["token"] = MASK
+    if doc.get("registry") and doc["registry"]["mlflow"]["token"]:
+        doc["registry"]["mlflow"]["token"] = MASK
     return doc
 
 

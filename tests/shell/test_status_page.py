@@ -122,3 +122,16 @@ async def test_page_shows_feedback_beside_drift(upstreams, make_sidecar: MakeSid
     section = m.group(1)
     assert "score_mean" in section and "0.75" in section and "accuracy" in section
     assert "too_small" in section and ">US<" in section
+
+
+async def test_page_shows_each_backends_model_version(upstreams, make_sidecar: MakeSidecar, tmp_path):
+    """Each backend shows the model version it serves; an alias the registry did not resolve shows as `v?`."""
+    up = await upstreams.start()
+    cfg = fraud(up.url, up.url)
+    cfg["registry"] = {"mlflow": {"url": u.refused_url(), "timeout": "0.2s"}}
+    cfg["backends"]["stable"]["model"] = {"name": "fraud", "version": "7"}
+    cfg["backends"]["canary"]["model"] = {"name": "fraud", "alias": "champion"}
+    sc = await make_sidecar(cfg)
+    dom = await render(sc.admin_url + "/", tmp_path / "profile")
+    assert cell(row(dom, 'data-backend="stable"'), "model") == "fraud v7"
+    assert cell(row(dom, 'data-backend="canary"'), "model warn") == "fraud v? @champion"
