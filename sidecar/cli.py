@@ -86,6 +86,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"{path}: ok (version {loaded.version})")
     print(f"  listen {cfg.listen}, admin {cfg.admin.listen}")
     print(f"  backends: {', '.join(cfg.backends)}")
+    for name, b in cfg.backends.items():
+        if b.model is not None:
+            print(f"    {name} serves {b.model.name} " + (f"version {b.model.version}" if b.model.version is not None
+                                                          else f"@{b.model.alias} (resolved in the registry)"))
     for r in cfg.routes:
         split = ", ".join(f"{b}={w:g}" for b, w in r.split.items())
         print(f"  route {r.name}: {r.match.path_prefix} -> {split}")
@@ -235,9 +239,12 @@ def format_status(doc: dict[str, Any]) -> str:
     for b in doc["backends"]:
         health = ("available" if b["available"] else "at capacity") if b.get("healthy") is None \
             else ("healthy" if b["healthy"] else "UNHEALTHY")
+        m = b.get("model")   # docs/registry.md: version null while an alias is unresolved
+        model = "-" if not m else f"{m['name']} v{m['version'] or '?'}" + (f" @{m['alias']}" if m["alias"] else "")
         rows.append([b["name"], health, b.get("circuit") or "-", str(b["inflight"]), _ms(b.get("p50_s")),
-                     _ms(b.get("p95_s")), _ms(b.get("p99_s")), _pct(b.get("error_rate")), b["url"]])
-    lines += _table(["BACKEND", "HEALTH", "CIRCUIT", "INFLIGHT", "P50", "P95", "P99", "ERRORS", "URL"], rows)
+                     _ms(b.get("p95_s")), _ms(b.get("p99_s")), _pct(b.get("error_rate")), model, b["url"]])
+    lines += _table(["BACKEND", "HEALTH", "CIRCUIT", "INFLIGHT", "P50", "P95", "P99", "ERRORS", "MODEL", "URL"],
+                    rows)
     known = {"sidecar_version", "version", "config_path", "state_dir", "started_at", "uptime_s", "ready",
              "draining", "inflight", "last_reload", "routes", "backends"}
     for key, value in doc.items():
@@ -326,6 +333,13 @@ def format_rollout(doc: dict[str, Any]) -> str:
     if doc["reason"]:
         lines.append(f"  reason    {doc['reason']}")
     lines.append(f"  actions   {', '.join(doc['actions'])}")
+    if (m := doc.get("canary_model")) is not None:
+        lines.append(f"  canary    {m['name']} version {m['version'] or '(unresolved)'}"
+                     + (f" (@{m['alias']})" if m["alias"] else ""))
+    if (reg := doc.get("registry")) is not None:   # docs/registry.md#what-a-rollout-writes
+        lines.append(f"  registry  {reg['event']}: " + (reg["error"] or "written"))
+        lines += [f"    {w['outcome']:8} {w['operation']} {w['key']}{'=' + w['value'] if w['value'] else ''} "
+                  f"(version {w['version']}, {w['tries']} tries)" for w in reg["writes"]]
     decisions = doc.get("decisions") or []
     if decisions:
         d = decisions[-1]

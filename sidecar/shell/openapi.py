@@ -151,7 +151,7 @@ _SCHEMAS: dict[str, Any] = {
                                                                   "verdict, action, state, reason"},
             "feedback": {"description": "per route with feedback and backend: model, metric, count, score_mean "
                                         "and per segment value (GET /admin/feedback has the counts)"},
-            "registry": {"description": "null without `registry`; else kind, refreshed_at and aliases: "
+            "registry": {"description": "present with a `registry`: kind, refreshed_at and aliases: "
                                         "[{model, alias, version (null: unresolved), error}]"},
         },
     },

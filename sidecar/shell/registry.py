@@ -309,10 +309,13 @@ class Registry:
                 tg.create_task(self._refresh_loop(), name="registry-refresh")
                 tg.create_task(self._write_loop(), name="registry-writes")
         finally:
-            if self._session is not None:
-                await self._session.close()
-                self._session = None
-                self._client = None
+            await self.close()
+
+    async def close(self) -> None:
+        """Close the HTTP session (the server calls it too: `start` opens it before `run` may ever run)."""
+        if self._session is not None:
+            session, self._session, self._client = self._session, None, None
+            await session.close()
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -420,12 +423,14 @@ class Registry:
         return None if m is None else m.to_json()
 
     def status_json(self) -> dict[str, Any]:
-        """The `registry` section of /admin/status: the aliases and why any is unresolved."""
+        """The `registry` section of /admin/status (absent without a registry): the aliases and why any is
+        unresolved."""
         plan = self._plan
-        return {"registry": None if plan is None else {
-            "kind": plan.kind, "refreshed_at": self.refreshed_at,
-            "aliases": [{"model": n, "alias": a, "version": v, "error": self._errors.get((n, a))}
-                        for (n, a), v in sorted(self._resolved.items())]}}
+        if plan is None:
+            return {}
+        return {"registry": {"kind": plan.kind, "refreshed_at": self.refreshed_at,
+                             "aliases": [{"model": n, "alias": a, "version": v, "error": self._errors.get((n, a))}
+                                         for (n, a), v in sorted(self._resolved.items())]}}
 
     def info_samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
         """backend_info{backend,model,version,alias}: 1 for every backend with a `model`."""

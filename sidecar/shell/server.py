@@ -204,6 +204,7 @@ class Sidecar:
             await admin_runner.cleanup()
             await self.services.mirrors.drain(0)  # none may outlive the pools (no-op after _drain)
             await self.proxy.runtime.close()
+            await self.services.registry.close()
             await self.reloader.close_retired()
         log.info("stopped (exit code %d)", code)
         return code

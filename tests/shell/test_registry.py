@@ -15,6 +15,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from sidecar.cli import format_rollout, format_status
 from tests.harness import until
 from tests.mlflow_server import RestClient, mlflow_server
 from tests.upstreams import refused_url
@@ -150,6 +151,11 @@ async def test_a_promotion_moves_champion_to_the_canarys_version_and_tags_it(mlf
     assert await mlflow.tags(name, "1") == {}
     assert doc["decisions"][-1]["canary_model"] == {"name": name, "version": "2", "alias": None}
     assert await model_of(client, sc, "stable") == {"name": name, "version": "2", "alias": "champion"}
+    # what `sidecar rollout fraud` and `sidecar status` print
+    text = format_rollout(doc)
+    assert f"  canary    {name} version 2\n" in text and "  registry  promoted: written\n" in text
+    assert "    written  set_alias champion (version 2, 1 tries)" in text
+    assert f"{name} v2 @champion" in format_status(await status_of(client, sc))
     await until(lambda: any(s.json()["event"] == "promoted" for s in hook.requests), what="the promoted event")
     event = next(s.json() for s in hook.requests if s.json()["event"] == "promoted")
     assert event["canary_model"] == {"name": name, "version": "2", "alias": None}
