@@ -67,7 +67,6 @@ UNRESOLVED_RETRY_S: Final = 10.0   # while an alias is unresolved, it is tried t
 MAX_WRITE_QUEUE: Final = 100       # rollout events waiting for the writer; past it, dropped and counted
 MAX_ANSWER_BYTES: Final = 1 << 20  # a registry answer larger than this is an error, not read
 LOG_EVERY_S: Final = 60.0
-WRITE_OUTCOMES: Final = ("written", "failed", "skipped", "dropped")
 UNRESOLVED: Final = "unresolved"   # backend_info's version label while an alias is unresolved
 
 

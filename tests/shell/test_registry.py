@@ -13,10 +13,11 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import yaml
 from aiohttp import web
 
 from sidecar.cli import format_rollout, format_status
-from tests.harness import until
+from tests.harness import sidecar_config, until
 from tests.mlflow_server import RestClient, mlflow_server
 from tests.upstreams import refused_url
 
@@ -120,6 +121,28 @@ async def test_an_alias_is_resolved_at_load_and_a_moved_alias_shows(mlflow, upst
         assert f'backend="stable",model="{name}",version="1"' not in text
     finally:
         os.close(fd)
+
+
+async def test_a_reload_keeps_resolved_versions_and_resolves_a_new_alias(mlflow, upstreams, make_sidecar, client,
+                                                                         tmp_path: Path):
+    """A reload that names a new alias resolves it at once, in the background; the kept alias keeps its version."""
+    name = unique()
+    await mlflow.register(name, 2)
+    await mlflow.set_alias(name, "champion", "1")
+    await mlflow.set_alias(name, "challenger", "2")
+    up = await upstreams.start()
+    cfg = config(mlflow.base.removesuffix("/api/2.0/mlflow"), name, up.url, refresh="1h")
+    path = tmp_path / "sidecar.yaml"
+    sc = await make_sidecar(cfg, path=path, config_poll_s=0)
+    cfg["backends"]["canary"]["model"] = {"name": name, "alias": "challenger"}
+    path.write_text(yaml.safe_dump(sidecar_config(cfg)))
+    async with client.post(sc.admin_url + "/admin/reload") as r:
+        assert r.status == 200, await r.text()
+
+    async def resolved() -> bool:
+        return bool(await model_of(client, sc, "canary") == {"name": name, "version": "2", "alias": "challenger"})
+    await until(resolved, timeout_s=10, what="the new alias")
+    assert await model_of(client, sc, "stable") == {"name": name, "version": "1", "alias": "champion"}
 
 
 async def test_a_promotion_moves_champion_to_the_canarys_version_and_tags_it(mlflow, upstreams, make_sidecar,
