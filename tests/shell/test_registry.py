@@ -19,7 +19,7 @@ from aiohttp import web
 from sidecar.cli import format_rollout, format_status
 from tests.harness import sidecar_config, until
 from tests.mlflow_server import RestClient, mlflow_server
-from tests.upstreams import refused_url
+from tests.upstreams import answer, refused_url
 
 
 @pytest.fixture(scope="module")
@@ -276,3 +276,27 @@ async def test_the_token_is_sent_as_a_bearer_and_masked(mlflow_url, upstreams, m
         assert "s3cret" not in body and orjson.loads(body)["config"]["registry"]["mlflow"]["token"] == "***"
     finally:
         await runner.cleanup()
+
+
+async def test_feedback_rows_name_the_model_version(upstreams, make_sidecar, client):
+    """/admin/feedback and the status's feedback rows name the version each backend serves (a static one here)."""
+    up = await upstreams.start(answer({"predictions": [0.9]}))
+    sc = await make_sidecar({
+        "backends": {"stable": {"url": up.url, "model": {"name": "fraud", "version": 7}}},
+        "routes": [{"name": "fraud", "match": {"path_prefix": "/v1"}, "split": {"stable": 1},
+                    "feedback": {"path": "/v1/feedback",
+                                 "prediction": {"path": "$.predictions[0]", "threshold": 0.5}}}],
+    })
+    async with client.post(sc.proxy_url + "/v1/predict", json={"x": 1}) as r:
+        rid = r.headers["x-request-id"]
+    async with client.post(sc.proxy_url + "/v1/feedback", json={"request_id": rid, "label": 1}) as r:
+        assert (await r.json())["counts"]["joined"] == 1
+    async with client.get(sc.admin_url + "/admin/feedback") as r:
+        doc = await r.json()
+    assert doc["routes"][0]["backends"][0]["model"] == {"name": "fraud", "version": "7", "alias": None}
+
+    async def row() -> Any:
+        rows = (await status_of(client, sc))["feedback"]
+        return rows[0] if rows else None
+    await until(row, what="a feedback row")
+    assert (await row())["model"] == {"name": "fraud", "version": "7", "alias": None}
