@@ -126,9 +126,11 @@ class MlflowRegistry:
             async with self._session.request(method, f"{self._base}/{path}", params=params, json=json,
                                              headers=self._headers, timeout=self._timeout,
                                              allow_redirects=False) as resp:
-                if resp.content_length is not None and resp.content_length > MAX_ANSWER_BYTES:
-                    raise RegistryCallError(CallOutcome.ERROR, f"answer of {resp.content_length} bytes")
-                body = await resp.content.read(MAX_ANSWER_BYTES + 1)
+                body = b""
+                async for chunk in resp.content.iter_chunked(64 * 1024):
+                    body += chunk
+                    if len(body) > MAX_ANSWER_BYTES:
+                        raise RegistryCallError(CallOutcome.ERROR, f"answer larger than {MAX_ANSWER_BYTES} bytes")
                 status = resp.status
         except TimeoutError:
             raise RegistryCallError(CallOutcome.TIMEOUT, f"no answer within {self._timeout.total}s") from None
@@ -265,14 +267,15 @@ class Registry:
             version: str = await self._call(Operation.RESOLVE_ALIAS, f"{name}@{alias}",
                                             lambda c: c.resolve_alias(name, alias))
         except RegistryCallError as e:
-            # the registry says there is no such alias: unresolved; unreachable: the last version stays
-            if e.outcome in (CallOutcome.NOT_FOUND, CallOutcome.REFUSED):
-                self._resolved[key] = None
-            self._errors[key] = f"{e.outcome}: {e}"
+            if key in self._resolved:   # a reload may have dropped it meanwhile
+                # the registry says there is no such alias: unresolved; no answer: the last version stays
+                if e.outcome in (CallOutcome.NOT_FOUND, CallOutcome.REFUSED):
+                    self._resolved[key] = None
+                self._errors[key] = f"{e.outcome}: {e}"
             return
-        self._errors.pop(key, None)
-        if key in self._resolved:   # a reload may have dropped it meanwhile
+        if key in self._resolved:
             self._resolved[key] = version
+            self._errors.pop(key, None)
 
     async def refresh(self) -> None:
         """Resolve every alias once (concurrently), then publish what changed."""
@@ -293,6 +296,9 @@ class Registry:
                 await self.refresh()
         except TimeoutError:
             pass
+        except Exception:   # never keeps the sidecar from starting
+            log.exception("registry: resolving the aliases at start failed; tried again every %gs",
+                          UNRESOLVED_RETRY_S)
         for key, version in self._resolved.items():
             if version is None:
                 log.warning("registry: alias %s of model %s unresolved at start (%s); tried again every %gs",
