@@ -67,6 +67,7 @@ UNRESOLVED_RETRY_S: Final = 10.0   # while an alias is unresolved, it is tried t
 MAX_WRITE_QUEUE: Final = 100       # rollout events waiting for the writer; past it, dropped and counted
 MAX_ANSWER_BYTES: Final = 1 << 20  # a registry answer larger than this is an error, not read
 LOG_EVERY_S: Final = 60.0
+MAX_VERSION_CHARS: Final = 64       # as a configured `model.version`
 UNRESOLVED: Final = "unresolved"   # backend_info's version label while an alias is unresolved
 
 
@@ -109,9 +110,12 @@ class MlflowRegistry:
     async def resolve_alias(self, name: str, alias: str) -> str:
         doc = await self._call("GET", "registered-models/alias", params={"name": name, "alias": alias})
         version = doc.get("model_version", {}).get("version") if isinstance(doc.get("model_version"), dict) else None
-        if not isinstance(version, str | int) or isinstance(version, bool):
-            raise RegistryCallError(CallOutcome.ERROR, f"answer without model_version.version: {str(doc)[:200]}")
-        return str(version)
+        text = str(version) if isinstance(version, str | int) and not isinstance(version, bool) else ""
+        # a label value of backend_info: short and printable, whatever the registry sends
+        if not text or len(text) > MAX_VERSION_CHARS or not text.isprintable():
+            raise RegistryCallError(CallOutcome.ERROR, f"answer without a usable model_version.version: "
+                                                       f"{str(doc)[:200]}")
+        return text
 
     async def set_alias(self, name: str, alias: str, version: str) -> None:
         await self._call("POST", "registered-models/alias", json={"name": name, "alias": alias, "version": version})
