@@ -86,6 +86,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"{path}: ok (version {loaded.version})")
     print(f"  listen {cfg.listen}, admin {cfg.admin.listen}")
     print(f"  backends: {', '.join(cfg.backends)}")
+    for name, b in cfg.backends.items():
+        if b.model is not None:
+            print(f"    {name} serves {b.model.name} " + (f"version {b.model.version}" if b.model.version is not None
+                                                          else f"@{b.model.alias} (resolved in the registry)"))
     for r in cfg.routes:
         split = ", ".join(f"{b}={w:g}" for b, w in r.split.items())
         print(f"  route {r.name}: {r.match.path_prefix} -> {split}")
@@ -243,7 +247,7 @@ def _model(m: Any) -> str:
     """A backend's `model` ({name, version, alias}, added by the registry) in one word, or "-"."""
     if not isinstance(m, dict) or not m.get("name"):
         return "-"
-    text = str(m["name"]) + (f" v{m['version']}" if m.get("version") is not None else "")
+    text = str(m["name"]) + f" v{m['version'] if m.get('version') is not None else '?'}"   # ?: alias unresolved
     return text + (f" @{m['alias']}" if m.get("alias") is not None else "")
 
 
@@ -412,6 +416,13 @@ def format_rollout(doc: dict[str, Any]) -> str:
     if doc["reason"]:
         lines.append(f"  reason    {doc['reason']}")
     lines.append(f"  actions   {', '.join(doc['actions'])}")
+    if (m := doc.get("canary_model")) is not None:
+        lines.append(f"  canary    {m['name']} version {m['version'] or '(unresolved)'}"
+                     + (f" (@{m['alias']})" if m["alias"] else ""))
+    if (reg := doc.get("registry")) is not None:   # docs/registry.md#what-a-rollout-writes
+        lines.append(f"  registry  {reg['event']}: " + (reg["error"] or "written"))
+        lines += [f"    {w['outcome']:8} {w['operation']} {w['key']}{'=' + w['value'] if w['value'] else ''} "
+                  f"(version {w['version']}, {w['tries']} tries)" for w in reg["writes"]]
     decisions = doc.get("decisions") or []
     if decisions:
         d = decisions[-1]

@@ -234,6 +234,39 @@ class OutlierConfig(_Model):
     max_ejected: float = Field(default=0.5, ge=0, le=1, description="share of the endpoints ejected at once, at most")
 
 
+def _version_text(value: Any) -> Any:
+    """`version: 7` in YAML is an int; a registry's versions are strings ("7")."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+# MLflow's rules for an alias: letters, digits, `_` and `-`; never `latest` nor `v<digits>` (a version's name)
+_ALIAS = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
+
+
+def _check_alias(value: str) -> str:
+    if not _ALIAS.match(value) or value.lower() == "latest" or re.fullmatch(r"[vV]\d+", value):
+        raise ValueError(f"invalid registry alias {value!r}: letters, digits, '_' and '-', "
+                         "neither 'latest' nor like 'v7'")
+    return value
+
+
+RegistryAlias = Annotated[str, AfterValidator(_check_alias)]
+
+
+class ModelConfig(_Model):
+    name: str = Field(min_length=1, max_length=256, description="the registered model's name in the registry")
+    version: Annotated[str, BeforeValidator(_version_text), Field(min_length=1, max_length=64)] | None = Field(
+        default=None, description="the model version the backend serves (static); or `alias`")
+    alias: RegistryAlias | None = Field(
+        default=None, description="an alias resolved in `registry` at load and every `registry.mlflow.refresh`")
+
+    @model_validator(mode="after")
+    def _version_or_alias(self) -> ModelConfig:
+        if (self.version is None) == (self.alias is None):
+            raise ValueError("give exactly one of `version` or `alias`")
+        return self
+
+
 class BackendConfig(_Model):
     url: BackendUrl | None = Field(default=None, description="http(s)://host:port[/base/path]; or `endpoints`")
     endpoints: list[BackendUrl] | None = Field(
@@ -248,6 +281,8 @@ class BackendConfig(_Model):
     health_check: HealthCheckConfig | None = Field(default=None, description="active checks of every endpoint")
     circuit_breaker: CircuitBreakerConfig | None = Field(
         default=None, description="without it the backend's circuit never opens")
+    model: ModelConfig | None = Field(
+        default=None, description="the model version it serves (attribution: status, logs, backend_info)")
 
     @property
     def urls(self) -> list[str]:
@@ -568,8 +603,8 @@ class RolloutNotifyConfig(_Model):
 
 
 class RolloutRegistryConfig(_Model):
-    promote_alias: str = Field(description="on promotion, move this registry alias to the canary's model "
-                                           "version (not served yet)")
+    promote_alias: RegistryAlias = Field(description="on promotion, move this registry alias to the canary's "
+                                                     "model version; promotion and rollback also tag it")
 
 
 class RolloutConfig(_Model):
@@ -589,7 +624,7 @@ class RolloutConfig(_Model):
     on_failure: Literal["rollback", "pause"] = Field(default="rollback", description="what a failed step does")
     notify: RolloutNotifyConfig | None = Field(default=None, description="a webhook told of every transition")
     registry: RolloutRegistryConfig | None = Field(
-        default=None, description="move a model registry alias on promotion (not served yet)")
+        default=None, description="move a model registry alias on promotion (docs/registry.md)")
 
 
 class RouteConfig(_Model):
@@ -614,6 +649,26 @@ class RouteConfig(_Model):
         default=None, description="automated progressive delivery of a canary (docs/rollout.md)")
 
 
+class MlflowConfig(_Model):
+    url: BackendUrl = Field(description="the MLflow tracking server: http(s)://host:port[/base/path]")
+    token: str = Field(default="", description="when non-empty, sent as 'Authorization: Bearer <token>' "
+                                               "(as MLFLOW_TRACKING_TOKEN); masked in /admin/config")
+    timeout: Seconds = Field(default=2.0, description="each call's timeout; also how long start-up waits "
+                                                      "for the aliases")
+    refresh: Seconds = Field(default=60.0, description="aliases are resolved again this often (unresolved "
+                                                       "ones every 10s)")
+
+    @model_validator(mode="after")
+    def _one_kind_of_auth(self) -> MlflowConfig:
+        if self.token and "@" in self.url.split("/")[2]:
+            raise ValueError("give `token` or credentials in `url`, not both")
+        return self
+
+
+class RegistryConfig(_Model):
+    mlflow: MlflowConfig = Field(description="MLflow's model registry, over its REST API")
+
+
 class Config(_Model):
     listen: Listen = Field(default="0.0.0.0:8080", description="the proxy listener ([::]:8080 for IPv6); a reload "
                                                              "cannot change it")
@@ -626,6 +681,8 @@ class Config(_Model):
     backends: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=64)], BackendConfig] = Field(
         min_length=1, description="the model servers, by name")
     routes: list[RouteConfig] = Field(min_length=1, description="first match wins; no match is 404")
+    registry: RegistryConfig | None = Field(
+        default=None, description="the model registry that backends' `model.alias` and rollouts' `registry` use")
 
     @model_validator(mode="after")
     def _check_references(self) -> Config:
@@ -704,10 +761,14 @@ def reference_issues(doc: Config | Mapping[str, Any]) -> list[ConfigIssue]:
     seen: dict[str, int] = {}
     log_paths: dict[str, str] = {}  # sample log path -> place of its first use
     feedback_paths: dict[str, str] = {}  # feedback path -> place of the route that takes it
+    has_registry = _get(doc, "registry") is not None
     for name in known:
         backend = backends[name]
         if _is_node(backend) and (_get(backend, "url") is None) == (_get(backend, "endpoints") is None):
             issues.append(ConfigIssue(place_of(("backends", name)), "needs exactly one of `url` or `endpoints`"))
+        if _get(_get(backend, "model"), "alias") is not None and not has_registry:
+            issues.append(ConfigIssue(place_of(("backends", name, "model", "alias")),
+                                      "an alias is resolved in the registry: set `registry.mlflow`"))
     for i, route in enumerate(_items(_get(doc, "routes"))):
         if not _is_node(route):
             continue
@@ -738,7 +799,7 @@ def reference_issues(doc: Config | Mapping[str, Any]) -> list[ConfigIssue]:
                 issues.append(ConfigIssue(f"{place}.mirror[{j}].backend", f"backend {shadow!r} is mirrored twice"))
         issues.extend(_monitor_issues(place, route, log_paths))
         issues.extend(_feedback_issues(place, route, feedback_paths))
-        issues.extend(_rollout_issues(place, route))
+        issues.extend(_rollout_issues(place, route, backends, has_registry))
         fallback = _items(_get(route, "fallback"))
         for j, item in enumerate(fallback):
             if not _is_node(item):
@@ -754,9 +815,10 @@ def reference_issues(doc: Config | Mapping[str, Any]) -> list[ConfigIssue]:
     return issues
 
 
-def _rollout_issues(place: str, route: Any) -> list[ConfigIssue]:
+def _rollout_issues(place: str, route: Any, backends: Any, has_registry: bool) -> list[ConfigIssue]:
     """Canary and baseline in the split and different; steps strictly increasing; gates the
-    driver does not serve yet refused; sequential needs no other error comparison."""
+    driver does not serve yet refused; sequential needs no other error comparison; `registry`
+    needs the top-level registry and a canary with a `model`."""
     ro = _get(route, "rollout")
     if not _is_node(ro):
         return []
@@ -782,8 +844,12 @@ def _rollout_issues(place: str, route: Any) -> list[ConfigIssue]:
                 issues.append(ConfigIssue(f"{where}.gates.{key}", f"not served yet ({anchor}): the gate would "
                                                                   "have no data, so it is refused; remove it"))
     if _get(ro, "registry") is not None:
-        issues.append(ConfigIssue(f"{where}.registry", "not served yet (docs/rollout.md#gates-not-served-yet): "
-                                                       "no model registry is wired in; remove it"))
+        if not has_registry:
+            issues.append(ConfigIssue(f"{where}.registry", "needs the top-level `registry` to write to"))
+        canary_cfg = _get(backends, canary) if isinstance(canary, str) and isinstance(backends, Mapping) else None
+        if _is_node(canary_cfg) and _get(canary_cfg, "model") is None:
+            issues.append(ConfigIssue(f"{where}.registry", f"the canary {canary!r} has no `model`: set "
+                                                           f"backends.{canary}.model to the version it serves"))
     return issues
 
 

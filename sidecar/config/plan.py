@@ -24,6 +24,7 @@ from sidecar.config.model import (
     FeedbackConfig,
     LimitsConfig,
     MonitorConfig,
+    RegistryConfig,
     RetryConfig,
     RolloutConfig,
     RouteConfig,
@@ -36,6 +37,7 @@ from sidecar.core.drift import DriftPolicy
 from sidecar.core.feedback import DEFAULT_WINDOW, FeedbackPolicy, Metric, SegmentPolicy
 from sidecar.core.gates import CompareErrors, CompareLatency, GatePolicy
 from sidecar.core.jsonpath import JsonPath, compile_path
+from sidecar.core.registry import ModelRef
 from sidecar.core.retry import RetryPolicy
 from sidecar.core.rollout import OnFailure, RolloutPolicy, config_key
 from sidecar.core.split import Split
@@ -99,6 +101,7 @@ class BackendPlan:
     max_connections: int                   # per endpoint
     max_inflight: int | None
     fingerprint: str                       # covers every endpoint and policy
+    model: ModelRef | None = None          # what it serves; version None: an alias, resolved by shell/registry.py
 
     @classmethod
     def build(cls, name: str, cfg: BackendConfig) -> BackendPlan:
@@ -116,6 +119,7 @@ class BackendPlan:
             max_connections=cfg.max_connections,
             max_inflight=cfg.max_inflight,
             fingerprint=_fingerprint(name, cfg.model_dump(mode="json")),
+            model=ModelRef(cfg.model.name, cfg.model.version, cfg.model.alias) if cfg.model is not None else None,
         )
 
 
@@ -366,6 +370,7 @@ class RolloutPlan:
 
     policy: RolloutPolicy
     notify: NotifyPlan | None
+    promote_alias: str | None = None   # `registry.promote_alias` (shell/registry.py writes it)
 
     @classmethod
     def build(cls, cfg: RolloutConfig, backends: Mapping[str, BackendPlan]) -> RolloutPlan:
@@ -388,7 +393,7 @@ class RolloutPlan:
             on_failure=OnFailure(cfg.on_failure))
         n = cfg.notify
         notify = NotifyPlan(n.webhook, tuple(n.headers.items()), n.timeout) if n is not None else None
-        return cls(policy, notify)
+        return cls(policy, notify, cfg.registry.promote_alias if cfg.registry is not None else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,6 +472,22 @@ class RoutePlan:
 
 
 @dataclass(frozen=True, slots=True)
+class RegistryPlan:
+    """`registry`: which registry, where, and how often aliases are resolved again (shell/registry.py)."""
+
+    kind: str                 # "mlflow", the only one so far
+    url: str                  # without a trailing slash
+    token: str
+    timeout_s: float
+    refresh_s: float
+
+    @classmethod
+    def build(cls, cfg: RegistryConfig) -> RegistryPlan:
+        mf = cfg.mlflow
+        return cls("mlflow", mf.url.rstrip("/"), mf.token, mf.timeout, mf.refresh)
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     config: Config
     version: str
@@ -482,6 +503,7 @@ class Plan:
     routes_by_name: Mapping[str, RoutePlan]
     # POST paths of the routes' feedback sections (unique: config/model.py checks it)
     feedback_by_path: Mapping[str, FeedbackPlan] = field(default_factory=dict)
+    registry: RegistryPlan | None = None
 
     @classmethod
     def build(cls, loaded: LoadedConfig) -> Plan:
@@ -503,6 +525,7 @@ class Plan:
             routes=routes,
             routes_by_name={r.name: r for r in routes},
             feedback_by_path={r.feedback.path: r.feedback for r in routes if r.feedback is not None},
+            registry=RegistryPlan.build(cfg.registry) if cfg.registry is not None else None,
         )
 
     def match(self, method: str, path: str, headers: Mapping[str, str]) -> RoutePlan:

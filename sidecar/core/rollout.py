@@ -67,6 +67,7 @@ from sidecar.core.gates import (
     judge,
     step_verdict,
 )
+from sidecar.core.registry import ModelRef
 from sidecar.core.sequential import EVERY_S, SequentialState
 
 # Version of RolloutState.to_dict's shape; from_dict refuses any other.
@@ -244,6 +245,7 @@ class Decision:
     state: State           # the state after the decision
     reason: str            # one line
     gates: tuple[GateResult, ...] = ()
+    canary_model: ModelRef | None = None   # stamped by the shell (`attribute`): core does not know versions
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -255,11 +257,13 @@ class Decision:
             "state": str(self.state),
             "reason": self.reason,
             "gates": [g.to_json() for g in self.gates],
+            "canary_model": None if self.canary_model is None else self.canary_model.to_json(),
         }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Decision:
         try:
+            m = d.get("canary_model")   # absent in state saved before the registry was wired in
             return cls(
                 time=float(d["time"]),
                 step=int(d["step"]),
@@ -269,6 +273,8 @@ class Decision:
                 state=State(d["state"]),
                 reason=str(d["reason"]),
                 gates=tuple(GateResult.from_json(g) for g in d["gates"]),
+                canary_model=None if m is None else ModelRef(str(m["name"]), None if m["version"] is None
+                                                             else str(m["version"]), m["alias"]),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"decision: {e!r}") from e
@@ -311,6 +317,7 @@ class Notify:
     decision: Decision | None
     time: float
     summary: str  # the one-line text, without the route
+    canary_model: ModelRef | None = None   # stamped by the shell (`attribute`)
 
     def to_json(self, route: str) -> dict[str, Any]:
         return {
@@ -324,6 +331,7 @@ class Notify:
             "decision": None if self.decision is None else self.decision.to_json(),
             "time": self.time,
             "text": f"{route}: {self.summary}",
+            "canary_model": None if self.canary_model is None else self.canary_model.to_json(),
         }
 
 
@@ -457,6 +465,32 @@ class Result:
     actions: tuple[Action, ...]
     next_check_at: float | None
     error: Conflict | None = None
+
+
+def attribute(result: Result, canary_model: ModelRef | None) -> Result:
+    """`result` with the canary's model stamped on the decisions and notifications it made.
+
+    Which version a backend serves is the shell's knowledge (a registry alias resolved at
+    run time), so `handle` leaves `canary_model` empty and the shell calls this before
+    carrying the result out: the decision kept in the state, its Record and its Notify then
+    say the same version.
+    """
+    if canary_model is None:
+        return result
+    made = {id(a.decision): replace(a.decision, canary_model=canary_model)
+            for a in result.actions if isinstance(a, Record)}
+    if not made:
+        return result
+    decisions = tuple(made.get(id(d), d) for d in result.state.decisions)
+    actions: list[Action] = []
+    for a in result.actions:
+        if isinstance(a, Record):
+            a = Record(made[id(a.decision)])
+        elif isinstance(a, Notify):
+            decision = None if a.decision is None else made.get(id(a.decision), a.decision)
+            a = replace(a, decision=decision, canary_model=canary_model)
+        actions.append(a)
+    return replace(result, state=replace(result.state, decisions=decisions), actions=tuple(actions))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,11 @@ writes it to stdout with a single `os.write` loop. The pending list is bounded: 
 `MAX_PENDING` lines (the writer cannot keep up, stdout is blocked) lines are dropped and
 counted in `sidecar_access_log_dropped_total`, never queued without bound.
 
-Imports: stdlib, orjson, sidecar.shell.formats/metrics.
+Each line names the backend's `model` and `version` (docs/registry.md): the writer reads them
+from `models` (backend -> ModelRef, swapped whole by shell/registry.py), so the hot path
+carries nothing more.
+
+Imports: stdlib, orjson, sidecar.core.registry, sidecar.shell.formats/metrics.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ import asyncio
 import contextlib
 import os
 import sys
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Final
 
 import orjson
 
+from sidecar.core.registry import ModelRef
 from sidecar.shell.formats import utc_iso
 from sidecar.shell.metrics import Cell
 
@@ -43,10 +49,12 @@ def trace_id(traceparent: str | None) -> str | None:
     return None
 
 
-def _format(batch: list[Record]) -> bytes:
+def _format(batch: list[Record], models: Mapping[str, ModelRef]) -> bytes:
     out = []
     for rec in batch:
         d = dict(zip(FIELDS, rec, strict=True))
+        m = models.get(rec[5])
+        d["model"], d["version"] = (m.name, m.version) if m is not None else (None, None)
         t = rec[0]
         for k in ("duration_s", "upstream_s", "ttfb_s"):
             v = d[k]
@@ -66,13 +74,14 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 class AccessLog:
-    __slots__ = ("_dropped", "_executor", "_fd", "_pending")
+    __slots__ = ("_dropped", "_executor", "_fd", "_pending", "models")
 
     def __init__(self, dropped: Cell, fd: int | None = None) -> None:
         self._pending: list[Record] = []
         self._dropped = dropped
         self._fd = sys.stdout.fileno() if fd is None else fd
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="access-log")
+        self.models: Mapping[str, ModelRef] = {}   # set by shell/services.py from the registry
 
     def add(self, record: Record) -> None:
         if len(self._pending) >= MAX_PENDING:
@@ -84,7 +93,7 @@ class AccessLog:
         batch, self._pending = self._pending, []
         if batch:
             loop = asyncio.get_running_loop()
-            data = await loop.run_in_executor(self._executor, _format, batch)
+            data = await loop.run_in_executor(self._executor, _format, batch, self.models)
             await loop.run_in_executor(self._executor, _write_all, self._fd, data)
 
     async def run(self) -> None:

@@ -342,6 +342,7 @@ def backend_status(sidecar: AdminHost, rt: Runtime, name: str) -> dict[str, Any]
         **backend_health(sidecar, name, checked=plan.health_check is not None,
                          available=endpoints.available(now)),
         "fingerprint": plan.fingerprint,
+        "model": sidecar.services.registry.model_json(name),   # {name, version, alias}; null: none configured
     }
     return doc
 
@@ -391,7 +392,8 @@ async def status(request: web.Request) -> web.Response:
 
 
 def masked_config(plan: Plan) -> dict[str, Any]:
-    """The running config as JSON with admin.token, URL passwords and `${*TOKEN*}`-like values masked."""
+    """The running config as JSON with admin.token, registry.mlflow.token, URL passwords and
+    `${*TOKEN*}`-like values masked."""
     secret = plan.secret_places
 
     def walk(node: Any, loc: list[int | str]) -> Any:
@@ -408,6 +410,8 @@ def masked_config(plan: Plan) -> dict[str, Any]:
     doc: dict[str, Any] = walk(plan.config.model_dump(mode="json"), [])
     if doc["admin"]["token"]:
         doc["admin"]["token"] = MASK
+    if doc.get("registry") and doc["registry"]["mlflow"]["token"]:
+        doc["registry"]["mlflow"]["token"] = MASK
     return doc
 
 

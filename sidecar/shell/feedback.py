@@ -33,7 +33,7 @@ most MAX_PENDING answers and MAX_PENDING_BYTES of their bodies.
 Reload: a route's tracker is kept while its `FeedbackPlan.fingerprint` is the same, and
 dropped (its pending predictions and metrics with it) otherwise.
 
-Imports: stdlib, sidecar.config, sidecar.core.feedback, sidecar.errors, sidecar.shell.formats.
+Imports: stdlib, sidecar.config, sidecar.core (feedback, registry), sidecar.errors, sidecar.shell.formats.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final
 
@@ -57,6 +57,7 @@ from sidecar.core.feedback import (
     feedback_items,
     results_json,
 )
+from sidecar.core.registry import ModelRef
 from sidecar.errors import Overloaded
 from sidecar.shell.formats import load_json
 
@@ -99,6 +100,7 @@ class Feedback:
         self._missed: dict[tuple[str, str], int] = {}       # (route, reason) -> captures missed
         self._published: Published = {}
         self.errors = 0
+        self.models: Mapping[str, ModelRef] = {}            # backend -> ModelRef, set by shell/services.py
         # worker-side
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feedback")
         self._w_trackers: dict[str, FeedbackTracker] = {}
@@ -303,6 +305,8 @@ class Feedback:
             doc: dict[str, Any] = {"route": route, "path": plan.path}
             if got is not None:
                 doc.update(got[0].to_json())
+                for b in doc["backends"]:
+                    b["model"] = self._model_json(b["backend"])
             doc["captures_missed"] = {reason: n for (r, reason), n in self._missed.items() if r == route}
             out.append(doc)
         return out
@@ -311,10 +315,15 @@ class Feedback:
         """The `/admin/status` section (a table on the status page, beside drift): one row per
         (route, backend): the metric's name and value, its count, the score mean, and per
         segment value the metric, count and too_small flag (published snapshot)."""
-        return [{"route": route, "backend": b.backend, "metric": str(summary.metric), "value": b.metric,
-                 "count": b.count, "score_mean": b.score_mean,
+        return [{"route": route, "backend": b.backend, "model": self._model_json(b.backend),
+                 "metric": str(summary.metric), "value": b.metric, "count": b.count, "score_mean": b.score_mean,
                  "segments": [s.to_json() for s in b.segments]}
                 for route, (summary, _) in self._published.items() for b in summary.backends]
+
+    def _model_json(self, backend: str) -> dict[str, Any] | None:
+        """The backend's model and version now (docs/registry.md); the metrics join `backend_info` instead."""
+        m = self.models.get(backend)
+        return None if m is None else m.to_json()
 
     # -- metrics (scrape time, loop; bound by shell/services.py) -----------------------------------
 

@@ -234,6 +234,20 @@ class Metrics:
             "rollout_notify_total", "Rollout webhook events by outcome: sent, failed (every try failed), "
             "dropped (queue full).", ("route", "outcome"))
         self.families += [self.rollout_step, self.rollout_state, self.rollout_decisions, self.rollout_notify]
+        # the model registry (shell/registry.py)
+        self.backend_info = CallbackGauge(
+            "backend_info", "1 for each backend with a `model`: the model and version it serves (version "
+            "'unresolved' while its alias is not resolved; alias empty for a static version).",
+            ("backend", "model", "version", "alias"))
+        self.registry_calls = CounterFamily(
+            "registry_calls_total", "Calls to the model registry (each try), by operation (resolve_alias, "
+            "set_alias, set_tag) and outcome (ok, not_found, refused, error, timeout, unreachable).",
+            ("operation", "outcome"))
+        self.registry_writes = CounterFamily(
+            "registry_writes_total", "Registry writes of rollouts (alias moves, version tags) by outcome: written, "
+            "failed (every try failed), skipped (the canary's version unresolved), dropped (queue full).",
+            ("route", "outcome"))
+        self.families += [self.backend_info, self.registry_calls, self.registry_writes]
         # monitor: read from shell/monitor.py's published snapshots at scrape time
         rbf = ("route", "backend", "feature")
         self.drift_statistic = CallbackGauge(

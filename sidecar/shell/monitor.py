@@ -44,7 +44,7 @@ import gc
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +58,7 @@ from sidecar.config.plan import FeaturePlan, MonitorPlan, Plan, RoutePlan
 from sidecar.core.drift import DriftResult, judge
 from sidecar.core.jsonpath import redact_all
 from sidecar.core.outcome import Outcome
+from sidecar.core.registry import ModelRef
 from sidecar.core.window import FeatureWindow, LatencySummary, LatencyWindow, as_category, as_number
 from sidecar.shell.formats import load_json, utc_iso
 from sidecar.shell.reference import REDACTED
@@ -198,6 +199,8 @@ class Monitor:
         self._samples: dict[tuple[str, str], int] = {}      # published copies of worker counters
         self._missing: dict[tuple[str, str, str], int] = {}
         self.last_drift_s = 0.0                             # worker time of the last drift pass
+        # backend -> ModelRef (shell/registry.py via services): swapped whole, read by the worker
+        self.models: Mapping[str, ModelRef] = {}
         self.errors = 0
         # worker-side
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="monitor")
@@ -399,8 +402,11 @@ class Monitor:
             if to_log:
                 assert st.log is not None
                 redact = st.log.plan.redact
+                model = self.models.get(backend)
                 st.log.put({
                     "time": utc_iso(wall), "request_id": request_id, "route": m.route, "backend": backend,
+                    "model": model.name if model is not None else None,
+                    "version": model.version if model is not None else None,
                     "status": status,
                     "request": None if req_doc is None else redact_all(req_doc, redact, REDACTED),
                     "response": None if resp_doc is None else redact_all(resp_doc, redact, REDACTED),

@@ -129,6 +129,8 @@ _SCHEMAS: dict[str, Any] = {
             "answers_per_s": {**_NUM_OR_NULL, "description": "its answers per second over the last minute"},
             "mirrored_per_s": {**_NUM_OR_NULL, "description": "mirror copies it took per second, last minute"},
             "fingerprint": {"type": "string"},
+            "model": {"anyOf": [_ref("Model"), {"type": "null"}],
+                      "description": "the model version it serves (docs/registry.md); null: no `model` configured"},
         },
     },
     "Series": {"type": "array", "items": _NUM_OR_NULL,
@@ -159,6 +161,11 @@ _SCHEMAS: dict[str, Any] = {
                 "values": _ref("Series")}}},
         },
     },
+    "Model": {
+        "type": "object", "description": "a backend's model: version null while its alias is unresolved",
+        "properties": {"name": {"type": "string"}, "version": _STR_OR_NULL,
+                       "alias": {**_STR_OR_NULL, "description": "null for a static version"}},
+    },
     "Status": {
         "type": "object",
         "description": "capabilities add top-level sections (e.g. mirrors, drift) through status providers",
@@ -180,8 +187,10 @@ _SCHEMAS: dict[str, Any] = {
             "rollout_decisions": {"type": "array", "description": "recent rollout decisions (20 per route, newest "
                                                                   "first): route, time, step, canary_weight, "
                                                                   "verdict, action, state, reason"},
-            "feedback": {"description": "per route with feedback and backend: metric, count, score_mean and "
-                                        "per segment value (GET /admin/feedback has the counts)"},
+            "feedback": {"description": "per route with feedback and backend: model, metric, count, score_mean "
+                                        "and per segment value (GET /admin/feedback has the counts)"},
+            "registry": {"description": "present with a `registry`: kind, refreshed_at and aliases: "
+                                        "[{model, alias, version (null: unresolved), error}]"},
         },
     },
 }
@@ -195,7 +204,9 @@ _DECISION: dict[str, Any] = {
         "gates": {"type": "array", "items": {"type": "object", "properties": {
             "gate": {"type": "string"}, "value": _NUM_OR_NULL, "threshold": _NUM_OR_NULL,
             "samples": {"type": "object"}, "verdict": {"enum": ["pass", "fail", "inconclusive", "skipped"]},
-            "reason": {"type": "string"}, "needs": {"type": "object"}}}}}}
+            "reason": {"type": "string"}, "needs": {"type": "object"}}}},
+        "canary_model": {"anyOf": [_ref("Model"), {"type": "null"}],
+                         "description": "the canary's model when the decision was made"}}}
 _SCHEMAS["Rollout"] = {
     "type": "object",
     "properties": {
@@ -213,6 +224,18 @@ _SCHEMAS["Rollout"] = {
         "actions": {"type": "array", "items": {"type": "string"}, "description": "admin actions allowed now"},
         "decisions": {"type": "array", "items": _DECISION, "description": "the last 50, oldest first"},
         "last_decision": {"anyOf": [_DECISION, {"type": "null"}], "description": "in /admin/status only"},
+        "canary_model": {"anyOf": [_ref("Model"), {"type": "null"}], "description": "the canary's model now"},
+        "registry": {"anyOf": [{"type": "object", "properties": {
+            "event": {"enum": ["promoted", "rolled_back"]}, "alias": {"type": "string"}, "time": {"type": "number"},
+            "model": {"anyOf": [_ref("Model"), {"type": "null"}]},
+            "writes": {"type": "array", "items": {"type": "object", "properties": {
+                "operation": {"enum": ["set_alias", "set_tag"]}, "name": {"type": "string"},
+                "version": {"type": "string"}, "key": {"type": "string"}, "value": {"type": "string"},
+                "outcome": {"enum": ["pending", "written", "failed"]}, "tries": {"type": "integer"},
+                "error": _STR_OR_NULL}}},
+            "error": {**_STR_OR_NULL, "description": "what could not be written, and why"}}}, {"type": "null"}],
+            "description": "with `registry.promote_alias`: the registry writes of the last promotion or rollback "
+                           "(docs/registry.md); null before one"},
     },
 }
 _ROLLOUT_ACTION = [{"name": "action", "in": "path", "required": True,
@@ -283,6 +306,7 @@ _paths: dict[str, dict[str, Any]] = {
                                     "description": "by reason: streamed, error_status, queue_full"},
                 "backends": {"type": "array", "items": {"type": "object", "properties": {
                     "backend": {"type": "string"}, "count": {"type": "integer"}, "metric": _NUM_OR_NULL,
+                    "model": {"anyOf": [_ref("Model"), {"type": "null"}], "description": "docs/registry.md"},
                     "score_mean": _NUM_OR_NULL, "score_count": {"type": "integer"},
                     "outcomes": {"type": "object", "additionalProperties": {"type": "integer"}},
                     "missing_prediction": {"type": "integer"}, "id_too_long": {"type": "integer"},

@@ -19,7 +19,8 @@ Actions carried out:
                     upstream_attempts_total cells of the canary and the baseline) and empty
                     the step's latency lists
     Record          log one JSON line, count `rollout_decisions_total{verdict}`
-    Notify          queue the webhook event (shell/notify.py): never waits for it
+    Notify          queue the webhook event (shell/notify.py): never waits for it; a promotion or
+                    rollback with `registry` also queues the registry's writes (shell/registry.py)
     DiscardedState  log why saved state was not resumed
 
 Per request the proxy calls `record(route, backend, duration)`: one dict lookup and, for the
@@ -32,7 +33,11 @@ step. Counts are the process's own (no fleet pooling).
 Concurrency: every change to a route's state happens on the loop under `self._lock`
 (ticks, admin actions, reloads), so an admin action never interleaves with a judgement.
 
-Imports: stdlib, orjson, sidecar.config, sidecar.core, sidecar.shell (files, metrics, notify, runtime, state).
+Every result is stamped with the canary's model version before it is carried out
+(core/rollout.py `attribute`), so decisions and webhook events say which version was judged.
+
+Imports: stdlib, orjson, sidecar.config, sidecar.core, sidecar.shell (files, metrics, notify, registry, runtime,
+state).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from sidecar.config.plan import RolloutPlan
 from sidecar.core.breaker import CircuitState
 from sidecar.core.gates import BackendData, StepData
 from sidecar.core.outcome import Outcome
+from sidecar.core.registry import RolloutEnd
 from sidecar.core.rollout import (
     Admin,
     AdminAction,
@@ -59,6 +65,7 @@ from sidecar.core.rollout import (
     DiscardedState,
     Event,
     Notify,
+    NotifyEvent,
     Record,
     ResetStepData,
     Result,
@@ -66,6 +73,7 @@ from sidecar.core.rollout import (
     SetWeights,
     State,
     Tick,
+    attribute,
     boot,
     handle,
     would_allow,
@@ -73,6 +81,7 @@ from sidecar.core.rollout import (
 from sidecar.shell.files import write_atomically
 from sidecar.shell.metrics import Metrics
 from sidecar.shell.notify import Notifier
+from sidecar.shell.registry import Registry
 from sidecar.shell.runtime import Runtime
 from sidecar.shell.state import Overrides
 
@@ -83,6 +92,7 @@ FORMAT: Final = 1
 POLL_S: Final = 1.0          # the longest sleep: a canary's circuit opening is seen within it
 MAX_LATENCIES: Final = 20_000
 _FAILED: Final = frozenset(str(o) for o in Outcome if o.failed)
+_REGISTRY_ENDS: Final = {NotifyEvent.PROMOTED: RolloutEnd.PROMOTED, NotifyEvent.ROLLED_BACK: RolloutEnd.ROLLED_BACK}
 
 
 @dataclass(slots=True)
@@ -104,11 +114,12 @@ class RolloutDriver:
     """See the module docstring."""
 
     def __init__(self, metrics: Metrics, overrides: Overrides, state_dir: Path | None,
-                 notifier: Notifier, clock: Callable[[], float] = time.time) -> None:
+                 notifier: Notifier, clock: Callable[[], float] = time.time, registry: Registry | None = None) -> None:
         self.metrics = metrics
         self.overrides = overrides
         self.state_dir = state_dir
         self.notifier = notifier
+        self.registry = registry
         self.clock = clock
         self.by_route: dict[str, _Rollout] = {}
         self._latency: dict[tuple[str, str], list[float]] = {}   # what the proxy appends to
@@ -269,6 +280,8 @@ class RolloutDriver:
     # -- actions ------------------------------------------------------------------------------
 
     def _carry_out(self, rt: Runtime, ro: _Rollout, res: Result) -> None:
+        if self.registry is not None:
+            res = attribute(res, self.registry.model_of(ro.plan.policy.canary))
         ro.state = res.state
         ro.next_check_at = res.next_check_at
         self._generation += 1
@@ -287,6 +300,11 @@ class RolloutDriver:
                 log.info("%s", orjson.dumps({"rollout": ro.route, **d.to_json()}).decode())
             elif isinstance(action, Notify):
                 self.notifier.send(ro.route, ro.plan.notify, action.to_json(ro.route))
+                end = _REGISTRY_ENDS.get(action.event)
+                if end is not None and ro.plan.promote_alias is not None and self.registry is not None \
+                        and not action.dry_run:
+                    self.registry.rollout_event(ro.route, end, ro.plan.policy.canary, ro.plan.promote_alias,
+                                                action.reason)
             elif isinstance(action, DiscardedState):
                 log.warning("rollout of route %s: %s; starting at step 0", ro.route, action.reason)
 
@@ -386,6 +404,9 @@ class RolloutDriver:
             "key": st.key,
             "actions": [str(a) for a in AdminAction if would_allow(st.state, a)],
             "decisions": [d.to_json() for d in st.decisions],
+            # the canary's model now, and what the last promotion or rollback wrote to the registry
+            "canary_model": self.registry.model_json(p.canary) if self.registry is not None else None,
+            "registry": self.registry.rollout_json(route) if self.registry is not None else None,
         }
 
     def summary_json(self, route: str) -> dict[str, Any] | None:

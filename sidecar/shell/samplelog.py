@@ -9,7 +9,10 @@ the line's bytes, whose size is known. Nothing here runs on the event loop.
 Line format (one JSON object per line):
 
     {"time": "2024-05-01T12:00:00.123Z", "request_id": "...", "route": "fraud",
-     "backend": "canary", "status": 200, "request": {...} | null, "response": {...} | null}
+     "backend": "canary", "model": "fraud" | null, "version": "7" | null, "status": 200,
+     "request": {...} | null, "response": {...} | null}
+
+`model` and `version` are the backend's (docs/registry.md) when the line is made.
 
 `request`/`response` are the parsed bodies with the `redact` paths replaced by
 "[redacted]"; null when a body was not JSON or (response) was not read whole.

@@ -90,7 +90,8 @@ class Sidecar:
         self.reloader = Reloader(self, self.services.metrics, poll_s=config_poll_s)
         # each capability adds one callable: () -> {"mirrors": ...}, or (backend) -> {"circuit": ...}
         self.status_providers: list[StatusProvider] = [self._mirror_status, self._drift_status,
-                                                       self._feedback_status, self._rollout_status]
+                                                       self._feedback_status, self._rollout_status,
+                                                       self.services.registry.status_json]
 
     def _mirror_status(self) -> dict[str, Any]:
         """Mirrors in /admin/status: one row per (route, shadow); disagreements stay in /admin/mirrors."""
@@ -205,6 +206,7 @@ class Sidecar:
             await admin_runner.cleanup()
             await self.services.mirrors.drain(0)  # none may outlive the pools (no-op after _drain)
             await self.proxy.runtime.close()
+            await self.services.registry.close()
             await self.reloader.close_retired()
         log.info("stopped (exit code %d)", code)
         return code
@@ -226,6 +228,9 @@ class Sidecar:
         overrides = self.services.overrides
         await asyncio.to_thread(overrides.load, self.proxy.runtime.plan)
         overrides.apply(self.proxy.runtime, "config changed since the state was saved")
+        # backends' model aliases, waiting at most registry.mlflow.timeout
+        # (docs/registry.md#start-up-and-an-unreachable-registry)
+        await self.services.registry.start()
         # rollouts resume (or start) and apply their weights over the overrides
         await self.services.rollouts.start(lambda: self.proxy.runtime)
         if overrides.dirty:

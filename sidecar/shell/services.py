@@ -13,6 +13,7 @@ the one owner) and handed to whoever uses it (the proxy, the admin API, the relo
     notifier     rollout webhooks (shell/notify.py)
     rollouts     the rollout driver: state, judging, its file (shell/rollout_driver.py)
     history      the status page's charts: counters sampled every 5 s (shell/history.py)
+    registry     the model registry: backends' versions, rollouts' writes (shell/registry.py)
 
 Their lifecycle, each step in one place:
 
@@ -26,17 +27,18 @@ Their lifecycle, each step in one place:
 A capability that must outlive a reload (the rollout driver, fleet membership, notifications)
 becomes a field here and joins these steps; everything else reaches it as `services.<name>`.
 
-Imports: stdlib, sidecar.config, sidecar.shell (accesslog, feedback, history, metrics, mirror, monitor,
-notify, rollout_driver, runtime, state).
+Imports: stdlib, sidecar.config, sidecar.core.registry, sidecar.shell (accesslog, feedback, history, metrics,
+mirror, monitor, notify, registry, rollout_driver, runtime, state).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
 from sidecar.config.plan import Plan
+from sidecar.core.registry import ModelRef
 from sidecar.shell.accesslog import AccessLog
 from sidecar.shell.feedback import Feedback
 from sidecar.shell.history import EVERY_S, HistorySampler
@@ -44,6 +46,7 @@ from sidecar.shell.metrics import Metrics, loop_task_samples
 from sidecar.shell.mirror import Mirrors
 from sidecar.shell.monitor import Monitor
 from sidecar.shell.notify import Notifier
+from sidecar.shell.registry import Registry
 from sidecar.shell.rollout_driver import RolloutDriver
 from sidecar.shell.runtime import Runtime
 from sidecar.shell.state import Overrides, resolve_state_dir
@@ -63,14 +66,26 @@ class Services:
         # state_dir is read once, at start (a reload that changes it warns: shell/reload.py)
         self.overrides = Overrides(resolve_state_dir(plan.config.state_dir, config_path))
         self.notifier = Notifier(self.metrics)
-        self.rollouts = RolloutDriver(self.metrics, self.overrides, self.overrides.state_dir, self.notifier)
+        # backend -> model version; records written off the loop are attributed from `models`
+        self.registry = Registry(self.metrics, plan)
+        self.registry.on_change = self._attribute
+        self._attribute(self.registry.models)
+        self.rollouts = RolloutDriver(self.metrics, self.overrides, self.overrides.state_dir, self.notifier,
+                                      registry=self.registry)
         self.history = HistorySampler(self.metrics, self.mirrors, self.feedback, history_every_s)
         self._follow(plan)
+
+    def _attribute(self, models: Mapping[str, ModelRef]) -> None:
+        """The registry's versions changed: what logs and feedback attribute records to (swapped whole)."""
+        self.access_log.models = models
+        self.monitor.models = models
+        self.feedback.models = models
 
     def _follow(self, plan: Plan) -> None:
         self.mirrors.retain(plan)      # statistics of unchanged (route, shadow) pairs stay
         self.monitor.apply(plan)       # windows whose config did not change stay
         self.feedback.apply(plan)      # trackers whose FeedbackPlan.fingerprint did not change stay
+        self.registry.apply(plan)      # versions of aliases still named stay
 
     def adopt(self, runtime: Runtime) -> list[str]:
         """`runtime` is about to serve (a reload). Sync, so that no request or admin call sees
@@ -83,7 +98,8 @@ class Services:
     def tasks(self) -> dict[str, Coroutine[Any, Any, None]]:
         """The background loops, by task name; each runs until cancelled."""
         return {"access-log": self.access_log.run(), "monitor": self.monitor.run(), "feedback": self.feedback.run(),
-                "rollouts": self.rollouts.run(), "notify": self.notifier.run(), "history": self.history.run()}
+                "rollouts": self.rollouts.run(), "notify": self.notifier.run(), "history": self.history.run(),
+                "registry": self.registry.run()}
 
     def bind_gauges(self, live: Callable[[], Runtime]) -> None:
         """The one place where callback gauges are bound to what they read at scrape time.
@@ -99,6 +115,7 @@ class Services:
         m.endpoint_ejected.read = lambda: live().ejected_samples()
         m.config_info.read = lambda: [((live().plan.version,), 1.0)]
         self.history.bind(live)
+        m.backend_info.read = self.registry.info_samples
         # rollouts
         m.rollout_step.read = self.rollouts.step_samples
         m.rollout_state.read = self.rollouts.state_samples

@@ -86,7 +86,6 @@ def test_the_key_ignores_notify_and_follows_the_rollout_and_its_backends():
                                          "(docs/rollout.md#gates-not-served-yet)"),
     ({"gates": {"min_feedback": 0.9}}, "routes[0].rollout.gates.min_feedback: not served yet"),
     ({"gates": {"min_agreement": 0.9}}, "routes[0].rollout.gates.min_agreement: not served yet"),
-    ({"registry": {"promote_alias": "champion"}}, "routes[0].rollout.registry: not served yet"),
 ])
 def test_mistakes_and_gates_not_served_are_named_at_their_place(rollout, error):
     """Each mistake, and each gate the driver cannot feed yet, is one error at its place."""

@@ -235,7 +235,8 @@ def test_failure_at_step_2_rolls_back_naming_the_gate():
     body = notify.to_json("fraud")
     assert body["text"] == ("fraud: rolled back canary at step 2 (25%): failed: max_error_rate: 50 of 1000 canary "
                             "tries failed (0.05 > 0.01)")
-    assert set(body) == {"route", "event", "state", "step", "weights", "dry_run", "reason", "decision", "time", "text"}
+    assert set(body) == {"route", "event", "state", "step", "weights", "dry_run", "reason", "decision", "time", "text",
+                         "canary_model"}
     assert body["decision"]["gates"][1]["gate"] == "max_error_rate"
     assert pb.at(1000) >> Tick(failing())  # a terminal state ignores ticks
     assert pb.result.actions == ()
@@ -581,12 +582,13 @@ def test_decisions_are_bounded():
 
 
 def test_decision_json_shape():
-    """A decision reads {time, step, weights, verdict, action, gates} (plus state and reason), and reads back."""
+    """A decision reads {time, step, weights, verdict, action, gates} (plus state, reason, canary_model), and reads
+    back."""
     pb = Playbook(policy()).skip()
     pb.at(60) >> Tick(healthy())
     d = pb.state.decisions[-1]
     j = d.to_json()
-    assert list(j) == ["time", "step", "weights", "verdict", "action", "state", "reason", "gates"]
+    assert list(j) == ["time", "step", "weights", "verdict", "action", "state", "reason", "gates", "canary_model"]
     assert j["weights"] == w(10) and j["verdict"] == "pass" and j["action"] == "advance"
     assert Decision.from_json(j) == d
 

@@ -360,8 +360,10 @@ async def test_sample_log_and_reference_command(models, make_sidecar: MakeSideca
     lines = [orjson.loads(line) for line in log_path.read_bytes().splitlines()]
     assert len(lines) == 20
     first = lines[0]
-    assert set(first) == {"time", "request_id", "route", "backend", "status", "request", "response"}
+    assert set(first) == {"time", "request_id", "route", "backend", "model", "version", "status", "request",
+                          "response"}
     assert first["route"] == "fraud" and first["backend"] == "stable" and first["status"] == 200
+    assert first["model"] is None and first["version"] is None   # no `model` configured (docs/registry.md)
     assert all(i["country"] == "[redacted]" for line in lines for i in line["request"]["instances"])
     assert isinstance(first["response"]["predictions"][0], float)
 

@@ -198,3 +198,21 @@ async def test_page_asks_for_the_token(upstreams, make_sidecar: MakeSidecar, tmp
         await b.eval(f"document.getElementById('token').value = '{TOKEN}'; "
                      "document.getElementById('auth').requestSubmit(); true")
         await b.wait_for("document.querySelectorAll('.backend').length === 2", what="the backends with the token")
+
+
+async def test_page_shows_each_backends_model_version(upstreams, make_sidecar: MakeSidecar, tmp_path):
+    """Each backend shows the model version it serves; an alias the registry did not resolve shows as `v?`,
+    marked as a warning."""
+    up = await upstreams.start()
+    cfg = fraud(up.url, up.url)
+    cfg["registry"] = {"mlflow": {"url": u.refused_url(), "timeout": "0.2s"}}
+    cfg["backends"]["stable"]["model"] = {"name": "fraud", "version": "7"}
+    cfg["backends"]["canary"]["model"] = {"name": "fraud", "alias": "champion"}
+    sc = await make_sidecar(cfg)
+    model = "document.querySelector('[data-backend=\"{}\"] .model')"
+    async with Browser(tmp_path / "profile") as b:
+        await b.open(sc.admin_url + "/", 1280)
+        await b.wait_for("document.querySelectorAll('.backend').length === 2", what="the backends")
+        assert await b.eval(model.format("stable") + ".textContent") == "model fraud v7"
+        assert await b.eval(model.format("canary") + ".textContent") == "model fraud v? @champion"
+        assert await b.eval(model.format("canary") + ".classList.contains('warn')") is True
