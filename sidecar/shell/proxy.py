@@ -152,9 +152,9 @@ class Exchange:
     phase that learns it and read by the later ones, never passed around beside it.
     """
 
-    __slots__ = ("attempts", "backend", "body", "buffer_limit", "bytes_in", "bytes_out", "continued", "deadline",
-                 "draw", "endpoints", "error", "feedback", "headers", "mirror", "outcome", "request", "request_id",
-                 "results", "route", "rs", "rt", "steps", "t0", "target", "ttfb_s", "upstream_s")
+    __slots__ = ("attempts", "backend", "body", "buffer_limit", "bytes_in", "bytes_out", "cells", "continued",
+                 "deadline", "draw", "endpoints", "error", "feedback", "headers", "mirror", "outcome", "request",
+                 "request_id", "results", "route", "rs", "rt", "steps", "t0", "target", "ttfb_s", "upstream_s")
 
     def __init__(self, request: web.BaseRequest, rt: Runtime, request_id: str, t0: float) -> None:
         self.request = request
@@ -176,6 +176,7 @@ class Exchange:
         self.results: list[Answer | UpstreamFailure | None]
         self.backend = NO_BACKEND
         self.attempts = 0
+        self.cells: _Cells | None = None             # the metric cells of the latest try
         # set only for mirrored or sampled requests (shell/mirror.py, shell/monitor.py):
         self.mirror: MirrorTicket | None = None   # sent exactly once, when the final answer is known
         self.draw: float | None = None            # the monitor's sampling draw
@@ -421,11 +422,15 @@ class Proxy:
                 case Pick():
                     cmd = steps.picked(self._pick(ex, now, cmd.avoid), now)
                 case Try(hedge_at=None):
-                    backend = rs.backends[cmd.index]
-                    ep = self._start(ex, now, cmd.no, backend, cmd.avoid_endpoint_of, cmd.no > 1)
+                    no, backend = cmd.no, rs.backends[cmd.index]
+                    ep = self._start(ex, now, no, backend, cmd.avoid_endpoint_of, no > 1)
                     got = await self._try(ex, backend, ep, route.timeouts[cmd.index])
                     now = loop.time()
-                    cmd = self._ended(ex, cmd.no, got, now)
+                    ex.results[no - 1] = got
+                    if isinstance(got, Answer):  # `_ended`, inline: every request passes here
+                        cmd = steps.ended(no, got.outcome, got.status, got.body is None, now)
+                    else:
+                        cmd = steps.ended(no, got.outcome, None, False, now)
                 case Respond():
                     if cmd.fallback is not None:
                         self.metrics.fallbacks.labels(route.name, cmd.fallback).value += 1
@@ -549,7 +554,7 @@ class Proxy:
             headers_deadline = deadline
         if try_deadline > deadline:
             try_deadline = deadline
-        cells = self.cells(ex.route.name, backend.name)
+        cells = ex.cells = self.cells(ex.route.name, backend.name)
         request = ex.request
         t_try = perf_counter()
         try:
@@ -681,8 +686,8 @@ class Proxy:
 
     def _upstream_headers(self, request: web.BaseRequest, ex: Exchange) -> list[tuple[str, str]]:
         src = request.headers
-        extra = _connection_tokens(src.get("connection"))
-        drop = DROP_REQUEST | extra if extra else DROP_REQUEST
+        connection = src.get("connection")
+        drop = DROP_REQUEST | _connection_tokens(connection) if connection else DROP_REQUEST
         out = [(k, v) for k, v in src.items() if k.lower() not in drop]
         remote = request.remote or ""
         xff = src.get("x-forwarded-for")
@@ -803,7 +808,9 @@ class Proxy:
     def _finish(self, request: web.BaseRequest, resp: web.StreamResponse, ex: Exchange, rt: Runtime,
                 now: float) -> web.StreamResponse:
         route = ex.route.name if ex.route else FEEDBACK_ROUTE if ex.feedback else NO_ROUTE
-        cells = self.cells(route, ex.backend)
+        cells = ex.cells  # the latest try's, unless another backend (or none) answered
+        if cells is None or cells.labels[1] != ex.backend:
+            cells = self.cells(route, ex.backend)
         cells.code(resp.status).value += 1
         duration = now - ex.t0
         cells.duration.observe(duration)
