@@ -92,7 +92,7 @@ from sidecar.shell.metrics import Cell, HistCell, Metrics
 from sidecar.shell.mirror import MirrorTicket
 from sidecar.shell.runtime import RouteState, Runtime
 from sidecar.shell.services import Services
-from sidecar.shell.upstream import Answer, UpstreamFailure
+from sidecar.shell.upstream import Answer, UpstreamFailure, header_block
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -168,7 +168,7 @@ class Exchange:
         self.feedback = False   # a feedback POST (`feedback.path`), answered by the sidecar itself
         self.rs: RouteState                          # the route's live state (match)
         self.body = b""                              # read whole (read); retries and mirrors share it
-        self.headers: list[tuple[str, str]]          # as sent upstream (read)
+        self.headers: bytes    # the header lines every try and mirror sends, framed once (read; header_block)
         self.steps: Attempts                         # the retry/hedge/fallback decisions (forward)
         self.deadline = 0.0  # loop time, what asyncio.timeout_at wants
         # per try, by its number - 1: the endpoint it went to, and its answer or failure once ended
@@ -377,7 +377,7 @@ class Proxy:
         ex.rs = rt.route_states[route.name]
         body = ex.body = await self._read_body(request, rt, ex, expect_continue)
         ex.bytes_in = len(body)
-        headers = ex.headers = self._upstream_headers(request, ex)
+        headers = ex.headers = header_block(request.method, self._upstream_headers(request, ex), body)
         # decided once per request, before the first try: which shadows get a copy, whether the
         # payloads are sampled; both need the answer read whole (up to max_body_bytes)
         if route.mirrors:
