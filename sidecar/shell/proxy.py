@@ -106,6 +106,8 @@ HOP_BY_HOP: Final = frozenset({
 DROP_REQUEST: Final = HOP_BY_HOP | {"host", "content-length", "expect", "x-forwarded-for",
                                     "x-forwarded-proto", "x-forwarded-host", "x-request-id"}
 DROP_RESPONSE: Final = HOP_BY_HOP | {"content-length"}
+# response: what the sidecar sets itself replaces what a backend sent under these names
+_NOT_RELAYED: Final = DROP_RESPONSE | {"x-request-id", "x-sidecar-backend", "x-sidecar-attempts"}
 NO_ROUTE: Final = "(no_route)"
 FEEDBACK_ROUTE: Final = "(feedback)"   # the route label of feedback POSTs (metrics, access log)
 CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -701,19 +703,25 @@ class Proxy:
         out.append(("x-request-id", ex.request_id))
         return out
 
-    def _response_headers(self, answer: Answer, ex: Exchange, keep_length: bool = False) -> CIMultiDict[str]:
-        extra = None
+    def _response_headers(self, answer: Answer, ex: Exchange, keep_length: bool = False) -> list[tuple[str, str]]:
+        """The answer's headers as the client gets them, in one pass (aiohttp makes its one
+        CIMultiDict of the list): hop-by-hop ones and those the Connection header names dropped,
+        the sidecar's own three set."""
+        kept: list[tuple[str, str]] = []
+        named: frozenset[str] | None = None
         for k, v in answer.headers:
-            if k.lower() == "connection":
-                extra = _connection_tokens(v)
-        drop = DROP_RESPONSE | extra if extra else DROP_RESPONSE
-        if keep_length:
-            drop = drop - {"content-length"}
-        headers = CIMultiDict((k, v) for k, v in answer.headers if k.lower() not in drop)
-        headers["x-request-id"] = ex.request_id
-        headers["x-sidecar-backend"] = ex.backend
-        headers["x-sidecar-attempts"] = str(ex.attempts)
-        return headers
+            lk = k.lower()
+            if lk not in _NOT_RELAYED or (keep_length and lk == "content-length"):
+                kept.append((k, v))
+            elif lk == "connection":
+                named = _connection_tokens(v)
+        if named:  # rare: drop what the (last) Connection header names
+            drop = named - {"content-length"} if keep_length else named
+            kept = [(k, v) for k, v in kept if k.lower() not in drop]
+        kept.append(("x-request-id", ex.request_id))
+        kept.append(("x-sidecar-backend", ex.backend))
+        kept.append(("x-sidecar-attempts", str(ex.attempts)))
+        return kept
 
     async def _respond(self, request: web.BaseRequest, answer: Answer, ex: Exchange,
                        rt: Runtime) -> web.StreamResponse:
