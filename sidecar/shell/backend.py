@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from functools import partial
 
 from sidecar.config.plan import BackendPlan
@@ -104,7 +104,7 @@ class Backend:
         """The endpoint for the next try (avoiding `avoid` while another is usable), or None."""
         return self.endpoints.pick(now, rng, avoid)
 
-    async def try_(self, i: int, method: str, raw_path: str, headers: Iterable[tuple[str, str]], body: bytes,
+    async def try_(self, i: int, method: str, raw_path: str, block: bytes, body: bytes,
                    headers_deadline: float, try_deadline: float, buffer_limit: int | None = None) -> Answer:
         """One try on endpoint i; records the outcome. Raises UpstreamFailure.
 
@@ -119,7 +119,7 @@ class Backend:
         endpoints = self.endpoints
         endpoints.on_start(i)
         try:
-            answer = await self.pools[i].attempt(method, raw_path, headers, body, headers_deadline, try_deadline,
+            answer = await self.pools[i].attempt(method, raw_path, block, body, headers_deadline, try_deadline,
                                                  buffer_limit)
         except UpstreamFailure as f:
             self._record(i, True, loop.time())

@@ -21,11 +21,11 @@ import logging
 import random
 
 from sidecar.shell.backend import Backend
-from sidecar.shell.upstream import UpstreamFailure, UpstreamPool
+from sidecar.shell.upstream import UpstreamFailure, UpstreamPool, header_block
 
 log = logging.getLogger("sidecar.health")
 
-_HEADERS = (("User-Agent", "model-sidecar-health-check"), ("Accept", "*/*"))
+_HEADERS = header_block("GET", (("User-Agent", "model-sidecar-health-check"), ("Accept", "*/*")), b"")
 
 
 class HealthChecker:

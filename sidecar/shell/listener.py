@@ -1,5 +1,14 @@
-"""The proxy listener's connection guards: a cap on open connections and a deadline for
-request heads (slowloris), as a minimal subclass of aiohttp's low-level server.
+"""The proxy listener: its accept loop, and its connection guards (a cap on open connections
+and a deadline for request heads, slowloris) as a minimal subclass of aiohttp's low-level server.
+
+Accepting (`FairSite`): the sidecar accepts on its listening socket itself, taking every
+connection that waits (up to ACCEPT_BATCH) each time the socket turns readable. libuv, under
+uvloop, accepts one connection per turn of the event loop (libuv 1.45, "don't accept()
+connections in a loop"); under load a turn takes as long as the work of every ready
+connection, so a burst of new connections waited for as many turns: measured at 128 new
+connections on a saturated sidecar, the last ones were accepted 0.5-5 s after the client
+connected, which was the p99 of the bench (docs/performance.md#the-tail). Out of file
+descriptors (EMFILE and kin), accepting pauses for ACCEPT_RETRY_S, as asyncio's own loop does.
 
 aiohttp bounds the size of a request head (max_line_size, max_field_size, max_headers) and
 closes idle keep-alive connections (keepalive_timeout), but it has no deadline for a head
@@ -54,13 +63,16 @@ Imports: stdlib, aiohttp, sidecar.shell.metrics.
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import logging
 import re
+import socket
 import sys
 import termios
 from array import array
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Final
 
 import orjson
@@ -79,6 +91,9 @@ _QUOTED = re.compile(r":\s*(?:\n|b'|b\"|bytearray\().*", re.S)
 _OUTQ: Final = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
 # answers below this are not watched once the kernel has them: they cost no memory worth a syscall
 WATCH_UNSENT_BYTES: Final = 64 * 1024
+ACCEPT_BATCH: Final = 256       # connections taken per wake of the listening socket, at most
+ACCEPT_RETRY_S: Final = 1.0     # out of descriptors or buffers: accepting pauses this long
+_ACCEPT_PAUSE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 def kernel_unsent(transport: asyncio.BaseTransport) -> int:
@@ -255,3 +270,84 @@ class GuardedHandler(RequestHandler):
         resp = web.Response(status=400, body=body, content_type="application/json")
         resp.force_close()
         return resp
+
+
+class FairSite(web.BaseSite):
+    """The proxy's listening socket with the sidecar's own accept loop (module docstring):
+    every waiting connection is taken per wake, handed to the runner's server (the `Listener`)
+    as a transport of the running loop. `stop` stops accepting and closes the socket;
+    connections already accepted are the server's, as with aiohttp's own sites."""
+
+    __slots__ = ("_accepting", "_connecting", "_loop", "_name", "_retry", "_sock")
+
+    def __init__(self, runner: web.BaseRunner, sock: socket.socket, *, backlog: int = 128) -> None:
+        super().__init__(runner, backlog=backlog)
+        self._sock = sock
+        host, port = sock.getsockname()[:2]
+        self._name = f"http://{host}:{port}"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._accepting = False
+        self._retry: asyncio.TimerHandle | None = None
+        # connections accepted, their transport being made (one loop turn each); owned here
+        self._connecting: set[asyncio.Task[Any]] = set()
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def start(self) -> None:
+        await super().start()
+        self._loop = asyncio.get_running_loop()
+        self._sock.listen(self._backlog)
+        self._resume()
+
+    def _resume(self) -> None:
+        self._retry = None
+        assert self._loop is not None
+        self._loop.add_reader(self._sock.fileno(), self._accept)
+        self._accepting = True
+
+    def _accept(self) -> None:
+        loop, server = self._loop, self._runner.server
+        assert loop is not None and server is not None
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as e:
+                if e.errno in _ACCEPT_PAUSE_ERRNOS:
+                    log.error("cannot accept connections (%s); pausing accepting for %.0fs",
+                              e.strerror or e, ACCEPT_RETRY_S)
+                    loop.remove_reader(self._sock.fileno())
+                    self._accepting = False
+                    self._retry = loop.call_later(ACCEPT_RETRY_S, self._resume)
+                    return
+                log.warning("accept failed: %s", e.strerror or e)
+                continue
+            conn.setblocking(False)
+            task = loop.create_task(loop.connect_accepted_socket(server, conn))
+            self._connecting.add(task)
+            task.add_done_callback(partial(self._connected, conn))
+
+    def _connected(self, conn: socket.socket, task: asyncio.Task[Any]) -> None:
+        self._connecting.discard(task)
+        if task.cancelled() or task.exception() is not None:
+            conn.close()  # no transport was made for it (the client may have gone already)
+
+    async def stop(self) -> None:
+        if self._accepting and self._loop is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._accepting = False
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        self._sock.close()
+        if self._connecting:  # each ends within a loop turn or two; bounded all the same
+            pending = set(self._connecting)
+            _, late = await asyncio.wait(pending, timeout=1.0)
+            for task in late:
+                task.cancel()
+        self._runner._unreg_site(self)

@@ -76,7 +76,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.mirror")
 
-SHADOW_HEADER: Final = ("x-sidecar-shadow", "1")
+SHADOW_LINE: Final = b"x-sidecar-shadow: 1\r\n"  # put before the primary's header lines
 DISAGREEMENTS_KEPT: Final = 50
 MAX_SHOWN_BYTES: Final = 2048  # JSON of one side's values kept per disagreement, at most
 _KEY_SALT: Final = b"mirror\x00"  # keyed sampling is independent of the sticky split's hash
@@ -158,19 +158,18 @@ class MirrorTicket:
 
     def __init__(self, mirrors: Mirrors, backends: Mapping[str, Backend],
                  targets: list[tuple[MirrorPlan, MirrorStats]], method: str, raw_path: str,
-                 headers: list[tuple[str, str]], body: bytes, request_id: str, read_limit: int) -> None:
+                 headers: bytes, body: bytes, request_id: str, read_limit: int, compares: bool) -> None:
         self.mirrors = mirrors
         self.backends = backends     # of the request's Runtime: a reload does not move its mirrors
         self.targets = targets
         self.method = method
         self.raw_path = raw_path     # the primary's checked origin-form target, percent-encoded as received
-        self.headers = headers       # as sent to the primary, x-request-id included
+        self.headers = headers       # the header lines the primary got (x-request-id included), framed
         self.body = body             # the very bytes object the primary got
         self.request_id = request_id
         self.read_limit = read_limit
         # what the primary try should read whole: the compare limit when some target compares
-        self.buffer_limit: int | None = (
-            read_limit if any(m.compare_path is not None for m, _ in targets) else None)
+        self.buffer_limit: int | None = read_limit if compares else None
 
     def send(self, primary_body: bytes | None) -> None:
         """Start the mirrors now that the primary answer is known.
@@ -228,13 +227,14 @@ class Mirrors:
     # -- the request path ----------------------------------------------------------------------
 
     def select(self, route: RoutePlan, rt: Runtime, request: web.BaseRequest, request_id: str,
-               headers: list[tuple[str, str]], body: bytes, *, path: str) -> MirrorTicket | None:
+               headers: bytes, body: bytes, *, path: str) -> MirrorTicket | None:
         """Which of the route's shadows get a copy of this request; None when none does.
 
         `path`: the checked origin-form target the primary is sent (core/target.py `forward`),
         never `request.raw_path`: a shadow gets exactly the path its primary got.
         """
         targets: list[tuple[MirrorPlan, MirrorStats]] | None = None
+        compares = False
         for m in route.mirrors:
             key = request.headers.get(m.key_header) if m.key_header is not None else None
             if not (key_share_below(key, m.threshold) if key else self._rng() < m.threshold):
@@ -246,18 +246,20 @@ class Mirrors:
                 stats.count(MirrorOutcome.SKIPPED_BODY)
             elif not rt.backends[m.backend].available(asyncio.get_running_loop().time()):
                 stats.count(MirrorOutcome.SKIPPED_UNAVAILABLE)  # decided now: no ticket, no whole primary answer
-            elif targets is None:
-                targets = [(m, stats)]
             else:
-                targets.append((m, stats))
+                if targets is None:
+                    targets = [(m, stats)]
+                else:
+                    targets.append((m, stats))
+                compares = compares or m.compare_path is not None
         if targets is None:
             return None
         limits = rt.plan.limits
         return MirrorTicket(self, rt.backends, targets, request.method, path, headers, body, request_id,
-                            max(limits.max_body_bytes, limits.buffer_response_bytes))
+                            max(limits.max_body_bytes, limits.buffer_response_bytes), compares)
 
     def _send(self, ticket: MirrorTicket, primary_body: bytes | None) -> None:
-        shadow_headers: list[tuple[str, str]] | None = None
+        shadow_headers: bytes | None = None
         now = asyncio.get_running_loop().time()
         for m, stats in ticket.targets:
             if self._closed or stats.inflight >= m.max_inflight:
@@ -270,7 +272,7 @@ class Mirrors:
                 stats.count(MirrorOutcome.SKIPPED_UNAVAILABLE)
                 continue
             if shadow_headers is None:
-                shadow_headers = [*ticket.headers, SHADOW_HEADER]
+                shadow_headers = SHADOW_LINE + ticket.headers  # the primary's lines, not made again
             stats.inflight += 1
             stats.sent += 1
             # only a comparing mirror holds on to the primary's answer (until its shadow answers)
@@ -291,7 +293,7 @@ class Mirrors:
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self, m: MirrorPlan, stats: MirrorStats, backend: Backend, endpoint: int, ticket: MirrorTicket,
-                   headers: list[tuple[str, str]], primary_body: bytes | None) -> None:
+                   headers: bytes, primary_body: bytes | None) -> None:
         outcome = MirrorOutcome.INTERNAL_ERROR
         try:
             outcome = await self._mirror_once(m, stats, backend, endpoint, ticket, headers, primary_body)
@@ -305,7 +307,7 @@ class Mirrors:
             stats.count(outcome)
 
     async def _mirror_once(self, m: MirrorPlan, stats: MirrorStats, backend: Backend, endpoint: int,
-                           ticket: MirrorTicket, headers: list[tuple[str, str]],
+                           ticket: MirrorTicket, headers: bytes,
                            primary_body: bytes | None) -> MirrorOutcome:
         compare = m.compare_path is not None
         deadline = asyncio.get_running_loop().time() + m.timeout_s

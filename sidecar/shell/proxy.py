@@ -92,7 +92,7 @@ from sidecar.shell.metrics import Cell, HistCell, Metrics
 from sidecar.shell.mirror import MirrorTicket
 from sidecar.shell.runtime import RouteState, Runtime
 from sidecar.shell.services import Services
-from sidecar.shell.upstream import Answer, UpstreamFailure
+from sidecar.shell.upstream import Answer, UpstreamFailure, header_block
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -106,6 +106,8 @@ HOP_BY_HOP: Final = frozenset({
 DROP_REQUEST: Final = HOP_BY_HOP | {"host", "content-length", "expect", "x-forwarded-for",
                                     "x-forwarded-proto", "x-forwarded-host", "x-request-id"}
 DROP_RESPONSE: Final = HOP_BY_HOP | {"content-length"}
+# response: what the sidecar sets itself replaces what a backend sent under these names
+_NOT_RELAYED: Final = DROP_RESPONSE | {"x-request-id", "x-sidecar-backend", "x-sidecar-attempts"}
 NO_ROUTE: Final = "(no_route)"
 FEEDBACK_ROUTE: Final = "(feedback)"   # the route label of feedback POSTs (metrics, access log)
 CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -152,9 +154,9 @@ class Exchange:
     phase that learns it and read by the later ones, never passed around beside it.
     """
 
-    __slots__ = ("attempts", "backend", "body", "buffer_limit", "bytes_in", "bytes_out", "continued", "deadline",
-                 "draw", "endpoints", "error", "feedback", "headers", "mirror", "outcome", "request", "request_id",
-                 "results", "route", "rs", "rt", "steps", "t0", "target", "ttfb_s", "upstream_s")
+    __slots__ = ("attempts", "backend", "body", "buffer_limit", "bytes_in", "bytes_out", "cells", "continued",
+                 "deadline", "draw", "endpoints", "error", "feedback", "headers", "mirror", "outcome", "request",
+                 "request_id", "results", "route", "rs", "rt", "steps", "t0", "target", "ttfb_s", "upstream_s")
 
     def __init__(self, request: web.BaseRequest, rt: Runtime, request_id: str, t0: float) -> None:
         self.request = request
@@ -168,7 +170,7 @@ class Exchange:
         self.feedback = False   # a feedback POST (`feedback.path`), answered by the sidecar itself
         self.rs: RouteState                          # the route's live state (match)
         self.body = b""                              # read whole (read); retries and mirrors share it
-        self.headers: list[tuple[str, str]]          # as sent upstream (read)
+        self.headers: bytes    # the header lines every try and mirror sends, framed once (read; header_block)
         self.steps: Attempts                         # the retry/hedge/fallback decisions (forward)
         self.deadline = 0.0  # loop time, what asyncio.timeout_at wants
         # per try, by its number - 1: the endpoint it went to, and its answer or failure once ended
@@ -176,6 +178,7 @@ class Exchange:
         self.results: list[Answer | UpstreamFailure | None]
         self.backend = NO_BACKEND
         self.attempts = 0
+        self.cells: _Cells | None = None             # the metric cells of the latest try
         # set only for mirrored or sampled requests (shell/mirror.py, shell/monitor.py):
         self.mirror: MirrorTicket | None = None   # sent exactly once, when the final answer is known
         self.draw: float | None = None            # the monitor's sampling draw
@@ -376,7 +379,7 @@ class Proxy:
         ex.rs = rt.route_states[route.name]
         body = ex.body = await self._read_body(request, rt, ex, expect_continue)
         ex.bytes_in = len(body)
-        headers = ex.headers = self._upstream_headers(request, ex)
+        headers = ex.headers = header_block(request.method, self._upstream_headers(request, ex), body)
         # decided once per request, before the first try: which shadows get a copy, whether the
         # payloads are sampled; both need the answer read whole (up to max_body_bytes)
         if route.mirrors:
@@ -421,11 +424,15 @@ class Proxy:
                 case Pick():
                     cmd = steps.picked(self._pick(ex, now, cmd.avoid), now)
                 case Try(hedge_at=None):
-                    backend = rs.backends[cmd.index]
-                    ep = self._start(ex, now, cmd.no, backend, cmd.avoid_endpoint_of, cmd.no > 1)
+                    no, backend = cmd.no, rs.backends[cmd.index]
+                    ep = self._start(ex, now, no, backend, cmd.avoid_endpoint_of, no > 1)
                     got = await self._try(ex, backend, ep, route.timeouts[cmd.index])
                     now = loop.time()
-                    cmd = self._ended(ex, cmd.no, got, now)
+                    ex.results[no - 1] = got
+                    if isinstance(got, Answer):  # `_ended`, inline: every request passes here
+                        cmd = steps.ended(no, got.outcome, got.status, got.body is None, now)
+                    else:
+                        cmd = steps.ended(no, got.outcome, None, False, now)
                 case Respond():
                     if cmd.fallback is not None:
                         self.metrics.fallbacks.labels(route.name, cmd.fallback).value += 1
@@ -549,7 +556,7 @@ class Proxy:
             headers_deadline = deadline
         if try_deadline > deadline:
             try_deadline = deadline
-        cells = self.cells(ex.route.name, backend.name)
+        cells = ex.cells = self.cells(ex.route.name, backend.name)
         request = ex.request
         t_try = perf_counter()
         try:
@@ -681,8 +688,8 @@ class Proxy:
 
     def _upstream_headers(self, request: web.BaseRequest, ex: Exchange) -> list[tuple[str, str]]:
         src = request.headers
-        extra = _connection_tokens(src.get("connection"))
-        drop = DROP_REQUEST | extra if extra else DROP_REQUEST
+        connection = src.get("connection")
+        drop = DROP_REQUEST | _connection_tokens(connection) if connection else DROP_REQUEST
         out = [(k, v) for k, v in src.items() if k.lower() not in drop]
         remote = request.remote or ""
         xff = src.get("x-forwarded-for")
@@ -696,19 +703,25 @@ class Proxy:
         out.append(("x-request-id", ex.request_id))
         return out
 
-    def _response_headers(self, answer: Answer, ex: Exchange, keep_length: bool = False) -> CIMultiDict[str]:
-        extra = None
+    def _response_headers(self, answer: Answer, ex: Exchange, keep_length: bool = False) -> list[tuple[str, str]]:
+        """The answer's headers as the client gets them, in one pass (aiohttp makes its one
+        CIMultiDict of the list): hop-by-hop ones and those the Connection header names dropped,
+        the sidecar's own three set."""
+        kept: list[tuple[str, str]] = []
+        named: frozenset[str] | None = None
         for k, v in answer.headers:
-            if k.lower() == "connection":
-                extra = _connection_tokens(v)
-        drop = DROP_RESPONSE | extra if extra else DROP_RESPONSE
-        if keep_length:
-            drop = drop - {"content-length"}
-        headers = CIMultiDict((k, v) for k, v in answer.headers if k.lower() not in drop)
-        headers["x-request-id"] = ex.request_id
-        headers["x-sidecar-backend"] = ex.backend
-        headers["x-sidecar-attempts"] = str(ex.attempts)
-        return headers
+            lk = k.lower()
+            if lk not in _NOT_RELAYED or (keep_length and lk == "content-length"):
+                kept.append((k, v))
+            elif lk == "connection":
+                named = _connection_tokens(v)
+        if named:  # rare: drop what the (last) Connection header names
+            drop = named - {"content-length"} if keep_length else named
+            kept = [(k, v) for k, v in kept if k.lower() not in drop]
+        kept.append(("x-request-id", ex.request_id))
+        kept.append(("x-sidecar-backend", ex.backend))
+        kept.append(("x-sidecar-attempts", str(ex.attempts)))
+        return kept
 
     async def _respond(self, request: web.BaseRequest, answer: Answer, ex: Exchange,
                        rt: Runtime) -> web.StreamResponse:
@@ -803,7 +816,9 @@ class Proxy:
     def _finish(self, request: web.BaseRequest, resp: web.StreamResponse, ex: Exchange, rt: Runtime,
                 now: float) -> web.StreamResponse:
         route = ex.route.name if ex.route else FEEDBACK_ROUTE if ex.feedback else NO_ROUTE
-        cells = self.cells(route, ex.backend)
+        cells = ex.cells  # the latest try's, unless another backend (or none) answered
+        if cells is None or cells.labels[1] != ex.backend:
+            cells = self.cells(route, ex.backend)
         cells.code(resp.status).value += 1
         duration = now - ex.t0
         cells.duration.observe(duration)

@@ -37,7 +37,7 @@ from sidecar.config.load import LoadedConfig
 from sidecar.config.plan import Plan
 from sidecar.shell.admin import StatusProvider, build_admin_app
 from sidecar.shell.history import EVERY_S
-from sidecar.shell.listener import Listener
+from sidecar.shell.listener import FairSite, Listener
 from sidecar.shell.proxy import Proxy
 from sidecar.shell.reload import Reloader
 from sidecar.shell.runtime import Runtime
@@ -181,7 +181,7 @@ class Sidecar:
             admin_sock = bind(*plan.admin_listen)
             self.proxy_port = proxy_sock.getsockname()[1]
             self.admin_port = admin_sock.getsockname()[1]
-            proxy_site = web.SockSite(proxy_runner, proxy_sock, backlog=4096)
+            proxy_site = FairSite(proxy_runner, proxy_sock, backlog=4096)  # its own accept loop
             await proxy_site.start()
             await web.SockSite(admin_runner, admin_sock).start()
             async with asyncio.TaskGroup() as tg:
@@ -236,7 +236,7 @@ class Sidecar:
         if overrides.dirty:
             await overrides.save()
 
-    async def _drain(self, proxy_site: web.SockSite, proxy_server: web.Server) -> int:
+    async def _drain(self, proxy_site: FairSite, proxy_server: web.Server) -> int:
         drain = self.proxy.runtime.plan.drain
         self.draining = True
         await asyncio.sleep(drain.delay)

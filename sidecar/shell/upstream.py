@@ -65,6 +65,18 @@ EVENTS_HIGH_WATER: Final = 64
 _BODYLESS_METHODS: Final = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
 
 
+def header_block(method: str, headers: Iterable[tuple[str, str]], body: bytes) -> bytes:
+    """A request's head after its Host line: its header lines, the body's Content-Length and
+    the blank line that ends the head, encoded once per request. Every try of the request,
+    retries, hedges and its mirrors send these very bytes; each try writes only its own
+    request line and Host before them (`UpstreamPool._request_bytes`)."""
+    lines = [f"{k}: {v}\r\n" for k, v in headers]
+    if body or method not in _BODYLESS_METHODS:
+        lines.append(f"Content-Length: {len(body)}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("utf-8", "surrogateescape")
+
+
 class UpstreamFailure(Exception):
     """A try that produced no usable answer; `outcome` says how it failed.
 
@@ -374,19 +386,16 @@ class UpstreamPool:
 
     # -- one try ------------------------------------------------------------------------------
 
-    def _request_bytes(self, method: str, raw_path: str, headers: Iterable[tuple[str, str]],
-                       body: bytes) -> list[bytes]:
-        lines = [f"{method} {self._base}{raw_path} HTTP/1.1\r\nHost: {self._host_header}\r\n"]
-        lines.extend(f"{k}: {v}\r\n" for k, v in headers)
-        if body or method not in _BODYLESS_METHODS:
-            lines.append(f"Content-Length: {len(body)}\r\n")
-        lines.append("\r\n")
-        head = "".join(lines).encode("utf-8", "surrogateescape")
-        return [head, body] if body else [head]
+    def _request_bytes(self, method: str, raw_path: str, block: bytes, body: bytes) -> list[bytes]:
+        start = f"{method} {self._base}{raw_path} HTTP/1.1\r\nHost: {self._host_header}\r\n"
+        head = start.encode("utf-8", "surrogateescape")
+        return [head, block, body] if body else [head, block]
 
-    async def attempt(self, method: str, raw_path: str, headers: Iterable[tuple[str, str]], body: bytes,
+    async def attempt(self, method: str, raw_path: str, block: bytes, body: bytes,
                       headers_deadline: float, try_deadline: float, buffer_limit: int | None = None) -> Answer:
         """One try. Raises UpstreamFailure; on success the caller owns the Answer.
+
+        `block`: the request's header lines, framed by `header_block` (made once per request).
 
         `buffer_limit` raises the size up to which an answer is read whole, for the requests
         whose answer must be parsed (mirrored with comparison, sampled); default
@@ -407,7 +416,7 @@ class UpstreamPool:
             # fails the waiting try with a TIMEOUT and aborts the connection. Cheaper per try
             # (no task bookkeeping); the try never awaits anything but this connection.
             timer = loop.call_at(headers_deadline, conn.expire)
-            conn.start(self._request_bytes(method, raw_path, headers, body), method == "HEAD")
+            conn.start(self._request_bytes(method, raw_path, block, body), method == "HEAD")
             head = await conn.next_event()
             assert isinstance(head, Head)
             length = head.length

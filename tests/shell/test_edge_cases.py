@@ -12,7 +12,7 @@ from sidecar.config.model import BackendConfig
 from sidecar.config.plan import BackendPlan
 from sidecar.core.outcome import Outcome
 from sidecar.shell.backend import Backend
-from sidecar.shell.upstream import UpstreamFailure
+from sidecar.shell.upstream import UpstreamFailure, header_block
 from tests import upstreams as u
 from tests.conftest import MakeSidecar, sidecar_config
 from tests.shell.test_reload import admin, write_config
@@ -70,7 +70,7 @@ async def test_try_on_a_half_open_circuit_without_probe_slots_fails_cleanly():
     await asyncio.sleep(0.02)                           # half-open now
     assert backend.breaker.try_acquire(loop.time())     # another request took the one probe
     with pytest.raises(UpstreamFailure) as e:
-        await backend.try_(0, "POST", "/x", [], b"", loop.time() + 1, loop.time() + 1)
+        await backend.try_(0, "POST", "/x", header_block("POST", [], b""), b"", loop.time() + 1, loop.time() + 1)
     assert e.value.outcome is Outcome.CONNECT_ERROR and e.value.backend == "b"
     assert backend.endpoints.inflight == [0]
     await backend.close()
