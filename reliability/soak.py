@@ -106,6 +106,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+async def _start_on_free_ports(urls: dict[str, str], tmp: Path,
+                               cfg_path: Path) -> tuple[asyncio.subprocess.Process, int, int]:
+    """The sidecar on two free ports; new ones when another process took one before the sidecar bound it."""
+    for chance in range(3):
+        try:
+            return await start_process(_config(urls, free_port(), free_port(), 10, tmp), cfg_path)
+        except RuntimeError as e:
+            if "address already in use" not in str(e).lower() or chance == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 class SometimesHang:
     """A shadow that hangs on `share` of its requests (until the mirror gives up) and answers the rest."""
 
@@ -190,11 +202,10 @@ async def run_soak(*, seconds: float, concurrency: int = 24, sample_every_s: flo
     tmp = Path(workdir or tempfile.mkdtemp(prefix="sidecar-soak-"))  # config, logs and state stay there
     if log:
         print(f"workdir {tmp}", flush=True)
-    port, admin = free_port(), free_port()
     async with u.UpstreamFactory() as factory:
         urls = await _start_backends(factory)
         cfg_path = tmp / "sidecar.yaml"
-        proc, port, admin = await start_process(_config(urls, port, admin, 10, tmp), cfg_path)
+        proc, port, admin = await _start_on_free_ports(urls, tmp, cfg_path)
         base, admin_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"
         t0 = time.monotonic()
         deadline = t0 + seconds
