@@ -50,6 +50,8 @@ import numpy as np
 from sidecar.core.gates import BackendData, StepData
 from sidecar.core.rollout import RolloutPolicy, RolloutState, State
 
+FloatArray: TypeAlias = np.ndarray[Any, np.dtype[np.float64]]
+
 # A replica publishes at most this many latencies per backend and step (a uniform sample of
 # its own): the leader judges on at most SHARED_LATENCIES x replicas (docs/fleet.md#pooled-data).
 SHARED_LATENCIES: Final = 1000
@@ -258,8 +260,8 @@ class Part:
     step: str
     canary: tuple[int, int, int]
     baseline: tuple[int, int, int]
-    canary_latency_s: np.ndarray[Any, np.dtype[np.float64]]
-    baseline_latency_s: np.ndarray[Any, np.dtype[np.float64]]
+    canary_latency_s: FloatArray
+    baseline_latency_s: FloatArray
 
     def to_json(self) -> dict[str, Any]:
         return {"step": self.step, "c": list(self.canary), "b": list(self.baseline),
@@ -279,12 +281,12 @@ class Part:
             raise ValueError(f"replica data: {e!r}") from e
 
 
-def _pack(a: np.ndarray[Any, np.dtype[np.float64]]) -> str:
+def _pack(a: FloatArray) -> str:
     # float32 keeps a latency to ~7 digits, ample for percentiles and ranks; 5.3 bytes a value in base64
     return base64.b64encode(np.asarray(a, dtype="<f4").tobytes()).decode()
 
 
-def _unpack(s: Any) -> np.ndarray[Any, np.dtype[np.float64]]:
+def _unpack(s: Any) -> FloatArray:
     raw = base64.b64decode(str(s), validate=True)
     if len(raw) % 4 or len(raw) > 4 * SHARED_LATENCIES:
         raise ValueError(f"latency sample of {len(raw)} bytes")
@@ -294,7 +296,7 @@ def _unpack(s: Any) -> np.ndarray[Any, np.dtype[np.float64]]:
     return a
 
 
-def bounded(latency_s: Sequence[float], rng: np.random.Generator) -> np.ndarray[Any, np.dtype[np.float64]]:
+def bounded(latency_s: Sequence[float] | FloatArray, rng: np.random.Generator) -> FloatArray:
     """At most SHARED_LATENCIES of `latency_s`, drawn uniformly without replacement."""
     a = np.asarray(latency_s, dtype=np.float64)
     if a.size <= SHARED_LATENCIES:

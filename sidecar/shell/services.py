@@ -12,6 +12,8 @@ the one owner) and handed to whoever uses it (the proxy, the admin API, the relo
     feedback     the feedback trackers, their worker thread and snapshots (shell/feedback.py)
     notifier     rollout webhooks (shell/notify.py)
     rollouts     the rollout driver: state, judging, its file (shell/rollout_driver.py)
+    fleet        with `fleet` only: the replicas' shared store (shell/fleet.py); None otherwise,
+                 and then nothing of it runs (its `fleet` block is read at start only)
 
 Their lifecycle, each step in one place:
 
@@ -25,7 +27,7 @@ Their lifecycle, each step in one place:
 A capability that must outlive a reload (the rollout driver, fleet membership, notifications)
 becomes a field here and joins these steps; everything else reaches it as `services.<name>`.
 
-Imports: stdlib, sidecar.config, sidecar.shell (accesslog, feedback, metrics, mirror, monitor, notify,
+Imports: stdlib, sidecar.config, sidecar.shell (accesslog, feedback, fleet, metrics, mirror, monitor, notify,
 rollout_driver, runtime, state).
 """
 
@@ -38,6 +40,7 @@ from typing import Any
 from sidecar.config.plan import Plan
 from sidecar.shell.accesslog import AccessLog
 from sidecar.shell.feedback import Feedback
+from sidecar.shell.fleet import Fleet
 from sidecar.shell.metrics import Metrics, loop_task_samples
 from sidecar.shell.mirror import Mirrors
 from sidecar.shell.monitor import Monitor
@@ -62,6 +65,9 @@ class Services:
         self.overrides = Overrides(resolve_state_dir(plan.config.state_dir, config_path))
         self.notifier = Notifier(self.metrics)
         self.rollouts = RolloutDriver(self.metrics, self.overrides, self.overrides.state_dir, self.notifier)
+        fleet = plan.config.fleet
+        self.fleet = None if fleet is None else Fleet(fleet, self.metrics, self.rollouts, self.overrides,
+                                                      self.notifier)
         self._follow(plan)
 
     def _follow(self, plan: Plan) -> None:
@@ -79,8 +85,16 @@ class Services:
 
     def tasks(self) -> dict[str, Coroutine[Any, Any, None]]:
         """The background loops, by task name; each runs until cancelled."""
-        return {"access-log": self.access_log.run(), "monitor": self.monitor.run(), "feedback": self.feedback.run(),
-                "rollouts": self.rollouts.run(), "notify": self.notifier.run()}
+        tasks = {"access-log": self.access_log.run(), "monitor": self.monitor.run(), "feedback": self.feedback.run(),
+                 "rollouts": self.rollouts.run(), "notify": self.notifier.run()}
+        if self.fleet is not None:
+            tasks["fleet"] = self.fleet.run()
+        return tasks
+
+    async def join_fleet(self, live: Callable[[], Runtime]) -> None:
+        """At start, once the rollouts booted: the first round with the fleet's store (no-op without `fleet`)."""
+        if self.fleet is not None:
+            await self.fleet.join(live)
 
     def bind_gauges(self, live: Callable[[], Runtime]) -> None:
         """The one place where callback gauges are bound to what they read at scrape time.
@@ -98,6 +112,9 @@ class Services:
         # rollouts
         m.rollout_step.read = self.rollouts.step_samples
         m.rollout_state.read = self.rollouts.state_samples
+        if self.fleet is not None:
+            m.fleet_leader.read = self.fleet.leader_samples
+            m.fleet_members.read = self.fleet.member_samples
         # shadows
         m.mirror_agreement.read = mirrors.agreement_samples
         # the monitor's published snapshots
