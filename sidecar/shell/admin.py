@@ -12,7 +12,7 @@
                                              (both 409 while the route's rollout steers its weights)
     GET    /admin/routes/{route}/rollout     the rollout: state, step, weights, decisions
     POST   /admin/routes/{route}/rollout/{action}  pause, resume, promote, rollback, restart (409: not allowed)
-    GET    /admin/fleet                      the fleet: leader, epoch, members, store health, skew (404 without it)
+    GET    /admin/fleet                      the fleet: leader, epoch, members, store health, skew (name null without)
                                              (with `fleet`, weight and rollout changes go through its store: 503
                                              while it cannot be reached)
     GET    /admin/feedback                   feedback per route, backend and segment value
@@ -80,6 +80,7 @@ from sidecar.config.load import place_of
 from sidecar.config.plan import Plan, RoutePlan
 from sidecar.core.rollout import AdminAction
 from sidecar.errors import StoreUnavailable
+from sidecar.shell.fleet import replica_id
 from sidecar.shell.openapi import openapi_document
 from sidecar.shell.proxy import Proxy
 from sidecar.shell.reload import Reloader, Result
@@ -554,10 +555,11 @@ async def post_rollout(request: web.Request) -> web.Response:
 
 
 async def fleet(request: web.Request) -> web.Response:
-    """GET /admin/fleet: this replica's view of its fleet; 404 without `fleet`."""
+    """GET /admin/fleet: this replica's view of its fleet (without `fleet`: a fleet of one, `name` null)."""
     f = request.app[SIDECAR_KEY].services.fleet
     if f is None:
-        return admin_error(404, "not_found", "no fleet is configured (docs/fleet.md)")
+        return json_response({"name": None, "replica": replica_id(), "leader": None, "epoch": 0, "leading": False,
+                              "judging": False, "members": [], "store": None, "skew": []})
     return json_response(f.status_json())
 
 

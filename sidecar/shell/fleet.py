@@ -210,7 +210,7 @@ class Fleet:
             if self._client is not None:
                 client, self._client = self._client, None
                 async with asyncio.timeout(self.timeout_s):
-                    await client.aclose()
+                    await client.aclose(close_connection_pool=True)
 
     def _masked_url(self) -> str:
         """The store's URL without its credentials (for logs and /admin/fleet)."""

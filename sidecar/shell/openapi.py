@@ -304,20 +304,20 @@ _paths: dict[str, dict[str, Any]] = {
                    "within 3 x sync_every with the routes whose rollout config differs from the fleet's (skew), "
                    "the store's health",
         "responses": {"200": _json({"type": "object", "properties": {
-            "name": {"type": "string"}, "replica": {"type": "string"}, "leader": _STR_OR_NULL,
+            "name": {"type": ["string", "null"], "description": "null: no `fleet` is configured"},
+            "replica": {"type": "string"}, "leader": _STR_OR_NULL,
             "epoch": {"type": "integer"}, "leading": {"type": "boolean"},
             "judging": {"type": "boolean", "description": "this replica judges rollouts now"},
             "members": {"type": "array", "items": {"type": "object", "properties": {
                 "replica": {"type": "string"}, "last_sync": {"type": "number", "description": "Unix seconds"},
                 "skew": {"type": "array", "items": {"type": "string"}}}}},
-            "store": {"type": "object", "properties": {
+            "store": {"type": ["object", "null"], "properties": {
                 "healthy": {"type": "boolean"}, "state": {"enum": ["unknown", "healthy", "down"]},
                 "error": _STR_OR_NULL, "url": {"type": "string", "description": "without credentials"},
                 "last_sync": _NUM_OR_NULL}},
             "skew": {"type": "array", "items": {"type": "object", "properties": {
                 "route": {"type": "string"}, "key": {"type": "string"}, "fleet_key": {"type": "string"}}}},
-            "lease_s": {"type": "number"}, "sync_every_s": {"type": "number"}}}, "the fleet"),
-            "404": _json(_ref("Error"), "no fleet is configured"), **_ERR}}},
+            "lease_s": {"type": "number"}, "sync_every_s": {"type": "number"}}}, "the fleet"), **_ERR}}},
     "/admin/openapi.json": {"get": {"summary": "this document",
                                     "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1"), **_ERR}}},
 }

@@ -410,3 +410,48 @@ def _value(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+# -- in one process ---------------------------------------------------------------------------------
+
+
+async def test_a_leaders_write_is_refused_once_the_lease_is_not_its_own(redis_server: RedisServer, upstreams,
+                                                                        make_sidecar):
+    """Another holder in the lease (what a successor writes): the leader's next judgement is refused by the
+    store and carried out nowhere: the stored state and this replica's decisions stay as they were."""
+    import redis.asyncio as ra
+
+    up = await upstreams.start(model)
+    cfg = fleet_config(redis_server.url, up.url, up.url, interval="300ms")
+    cfg["fleet"].update(lease="12s", sync_every="3s")   # no round during the test: the view still says leading
+    sc = await make_sidecar(cfg)
+    fleet = sc.services.fleet
+    assert fleet is not None and fleet.view.leading
+    store = ra.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        prefix = "sidecar:fleet:{test}:"
+        before = await store.hgetall(prefix + "state")
+        decisions = len(sc.services.rollouts.by_route["r"].state.decisions)
+        await store.set(prefix + "lease", "intruder|99", px=60_000)
+        refused = sc.services.metrics.fleet_writes_refused.labels("epoch")
+        await until(lambda: refused.value >= 1, 2.5, "a refused write")
+        assert await store.hgetall(prefix + "state") == before
+        assert len(sc.services.rollouts.by_route["r"].state.decisions) == decisions
+    finally:
+        await store.aclose(close_connection_pool=True)
+
+
+def test_without_fleet_nothing_of_it_runs_and_redis_is_not_imported(tmp_path: Path):
+    """A sidecar without `fleet` never loads the Redis client and serves /admin/fleet as a fleet of none."""
+    code = (
+        "import sys, yaml\n"
+        "from sidecar.config.load import LoadedConfig, config_version, parse_config\n"
+        "from sidecar.shell.server import Sidecar\n"
+        "cfg, secrets = parse_config(yaml.safe_dump({'backends': {'m': {'url': 'http://127.0.0.1:9'}},"
+        " 'routes': [{'name': 'r', 'split': {'m': 1}}]}), env={})\n"
+        "sc = Sidecar(LoadedConfig(cfg, config_version(cfg), None, secrets))\n"
+        "assert sc.services.fleet is None and 'fleet' not in sc.services.tasks()\n"
+        "assert 'redis' not in sys.modules, 'redis imported'\n")
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
