@@ -26,9 +26,10 @@ leader stops judging `sync_every` before its lease could have expired, counted f
 
 Store faults. HEALTHY -> DOWN on a failed call, DOWN -> HEALTHY on the next round that
 succeeds. While DOWN nobody judges (the rollout pauses with the reason), the weights stay
-as they were, and admin changes are refused. Coming back raises `StoreBack`; the replica
-that leads within `lease` of it judges each rollout's current step afresh (`afresh`): its
-interval starts again, so that no judgement is made on a step cut in two by the outage.
+as they were, and admin changes are refused. Coming back raises `StoreBack`; after an outage
+of at least 2 x sync_every, the replica that leads within `lease` of it judges each rollout's
+current step afresh (`afresh`): its interval starts again, so that no judgement is made on a
+step cut in two by the outage. A single failed round (one slow answer) pauses nothing beyond it.
 
 Time: `now` is monotonic seconds except where named `wall` (Unix seconds: member records
 and rollout state are shared between hosts, whose monotonic clocks mean nothing to each other).
@@ -57,6 +58,9 @@ FloatArray: TypeAlias = np.ndarray[Any, np.dtype[np.float64]]
 SHARED_LATENCIES: Final = 1000
 # A member not seen for this many sync periods is gone (SPEC 10).
 GONE_AFTER_SYNCS: Final = 3
+# An outage this many sync periods long (or longer) makes the step be judged afresh; a single
+# failed round (a slow answer) does not: the replicas' counts are cumulative, none was lost.
+AFRESH_AFTER_SYNCS: Final = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +160,8 @@ def synced(policy: FleetPolicy, view: View, reply: LeaseReply, sent_at: float,
     if v.store is StoreHealth.DOWN:
         down_s = now - (v.down_since if v.down_since is not None else now)
         signals.append(StoreBack(down_s))
-        v = replace(v, afresh_until=now + policy.lease_s)
+        if down_s >= AFRESH_AFTER_SYNCS * policy.sync_every_s:
+            v = replace(v, afresh_until=now + policy.lease_s)
     v = replace(v, store=StoreHealth.HEALTHY, error="", down_since=None, holder=reply.holder, epoch=reply.epoch,
                 max_epoch=max(v.max_epoch, reply.epoch))
     leading = reply.outcome is not LeaseOutcome.HELD and reply.holder == policy.replica

@@ -12,7 +12,8 @@ from sidecar.config.plan import Plan
 from sidecar.errors import ConfigError
 from sidecar.shell.admin import masked_config
 
-BASE: dict[str, Any] = {"backends": {"m": {"url": "http://127.0.0.1:9001"}}, "routes": [{"name": "r", "split": {"m": 1}}]}
+BASE: dict[str, Any] = {"backends": {"m": {"url": "http://127.0.0.1:9001"}},
+                        "routes": [{"name": "r", "split": {"m": 1}}]}
 
 
 def with_fleet(fleet: dict[str, Any], env: dict[str, str] | None = None) -> Plan:

@@ -105,13 +105,22 @@ def test_store_back_raises_a_signal_and_the_first_leader_judges_afresh_once():
     assert not again
 
 
+def test_one_slow_round_does_not_restart_the_step():
+    """A single failed round (down for less than 2 x sync_every) is back without judging afresh."""
+    lead, _ = synced(P, View(), mine(1, LeaseOutcome.ACQUIRED), sent_at=0.0, now=0.0)
+    down, _ = failed(P, lead, "TimeoutError", now=1.0)
+    back, sig = synced(P, down, mine(1), sent_at=2.0, now=2.5)
+    assert sig == (StoreBack(1.5),)
+    assert take_afresh(back, 2.5) == (back, False)
+
+
 def test_afresh_is_dropped_by_a_follower_after_a_lease():
     """A follower that comes back does not carry the duty for ever: a lease later it is gone."""
     v, _ = synced(P, View(), theirs(), sent_at=0.0, now=0.0)
     v, _ = failed(P, v, "x", now=1.0)
-    v, _ = synced(P, v, theirs(), sent_at=2.0, now=2.0)
+    v, _ = synced(P, v, theirs(), sent_at=3.0, now=3.0)
     v, yes = take_afresh(v, 3.0)
-    assert not yes and v.afresh_until == 12.0
+    assert not yes and v.afresh_until == 13.0
     v, _ = synced(P, v, mine(3, LeaseOutcome.ACQUIRED), sent_at=13.0, now=13.0)
     assert v.afresh_until is None
     assert take_afresh(v, 13.0) == (v, False)
