@@ -15,7 +15,7 @@ acts on comes out of these functions. Nothing here does I/O, sleeps or reads a c
     bounded(...)    a replica's latency sample: at most SHARED_LATENCIES, uniform
     skew(...)       routes whose rollout config differs from the fleet's
 
-Leadership (docs/fleet.md#leader). A lease in the store with a time to live of
+Leadership (docs/fleet.md#how-it-works). A lease in the store with a time to live of
 `lease - sync_every` (so that a dead leader's successor is found within `lease`); its holder
 renews it every `sync_every`. Each new holder gets a higher epoch. Every leader write carries
 "holder|epoch" and the store refuses it unless the lease still reads exactly that (the
