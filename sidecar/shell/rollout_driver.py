@@ -41,7 +41,8 @@ state first and write with a compare-and-set; a store that cannot be reached rai
 Concurrency: every change to a route's state happens on the loop under `self._lock`
 (ticks, admin actions, reloads), so an admin action never interleaves with a judgement.
 
-Imports: stdlib, orjson, sidecar.config, sidecar.core, sidecar.shell (files, metrics, notify, runtime, state).
+Imports: stdlib, numpy, orjson, sidecar.config, sidecar.core, sidecar.errors, sidecar.shell (files, metrics, notify,
+runtime, state).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ from sidecar.core.rollout import (
     next_check_at,
     would_allow,
 )
+from sidecar.errors import StoreUnavailable
 from sidecar.shell.files import write_atomically
 from sidecar.shell.metrics import Metrics
 from sidecar.shell.notify import Notifier
@@ -215,7 +217,7 @@ class RolloutDriver:
                 old.plan = rp
                 self._latency[(name, rp.policy.canary)] = old.latency.setdefault(rp.policy.canary, [])
                 self._latency[(name, rp.policy.baseline)] = old.latency.setdefault(rp.policy.baseline, [])
-                if not rp.policy.dry_run:
+                if not rp.policy.dry_run and old.skew is None:
                     self._set_weights(runtime, old, old.state.weights(rp.policy))
                 continue
             saved = self._saved.pop(name, None) if initial else None
@@ -278,9 +280,12 @@ class RolloutDriver:
                 res = await asyncio.to_thread(handle, policy, state, event, self.clock())
                 if self.by_route.get(name) is not ro or ro.state is not state:
                     continue   # a reload replaced it meanwhile (adopt is sync, outside the lock)
-                if self.fleet is not None and res.state != state \
-                        and not await self._commit(ro, res.state, res.actions, fenced=True):
-                    continue   # refused (deposed) or the store is away: carried out nowhere
+                if self.fleet is not None and res.state != state:
+                    try:
+                        if not await self._commit(ro, res.state, res.actions, fenced=True):
+                            continue   # refused (deposed): carried out nowhere
+                    except StoreUnavailable:
+                        continue       # counted and logged by the fleet; judged again once it is back
                 self._carry_out(live(), ro, res)
             await self.persist()
 
@@ -431,9 +436,12 @@ class RolloutDriver:
             if ro.skew is None:
                 log.warning("rollout of route %s: the fleet's rollout config (key %s) differs from this replica's "
                             "(key %s); nothing of it is applied here", route, st.key, p.key)
+                # nor of this replica's own rollout: the route goes back to its configured split
+                if self._live is not None and (plan := self._live().plan.routes_by_name.get(route)) is not None:
+                    self.overrides.clear(self._live(), plan)
             ro.skew = (p.key, st.key)
             return
-        prev, ro.skew = ro.state, None
+        prev, ro.skew, ro.pending = ro.state, None, []
         ro.state, ro.rev = st, rev
         now = self.clock()
         ro.next_check_at = next_check_at(p, st, now)

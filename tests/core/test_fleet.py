@@ -212,3 +212,41 @@ def test_bounded_sample_is_uniform_and_capped():
     b = bounded(big.tolist(), rng)
     assert b.size == SHARED_LATENCIES and len(set(b.tolist())) == SHARED_LATENCIES
     assert math.isclose(float(np.mean(b)), float(np.mean(big)), rel_tol=0.05)
+
+
+Delays = st.lists(st.tuples(st.floats(0, 0.5), st.floats(0, 0.5), st.floats(0, 6)), min_size=1, max_size=25)
+
+
+@given(st.lists(Delays, min_size=3, max_size=3))
+def test_two_replicas_never_judge_at_the_same_time(schedules):
+    """Against a model of the lease script, three replicas each doing rounds with any delays on the way to
+    the store and back (a reply up to 6 s late: a paused process), no two replicas' judging windows overlap."""
+    import heapq
+
+    ps = [FleetPolicy(name="f", replica=r, lease_s=3.0, sync_every_s=1.0) for r in "abc"]
+    views = [View(), View(), View()]
+    holder, epoch, expires = "", 0, -1.0
+    windows: list[tuple[int, float, float]] = []
+    # (arrival at the store, replica, round index, sent at)
+    heap = [(to_store + 0.1 * i, i, 0, 0.1 * i) for i, ((to_store, _, _), *_) in enumerate(schedules)]
+    while heap:
+        at_store, who, k, sent = heapq.heappop(heap)
+        p, v = ps[who], views[who]
+        if holder == p.replica and epoch == v.epoch and v.leading and at_store < expires:
+            outcome, expires = LeaseOutcome.RENEWED, at_store + p.ttl_s
+        elif at_store >= expires:
+            holder, epoch, expires = p.replica, epoch + 1, at_store + p.ttl_s
+            outcome = LeaseOutcome.ACQUIRED
+        else:
+            outcome = LeaseOutcome.HELD
+        _, back, pause = schedules[who][k]
+        now = at_store + back + pause
+        views[who], _ = synced(p, v, LeaseReply(outcome, holder, epoch), sent, now)
+        if may_judge(views[who], now) == "":
+            windows.append((who, now, views[who].judge_until))
+        if k + 1 < len(schedules[who]):
+            nxt = now + p.sync_every_s
+            heapq.heappush(heap, (nxt + schedules[who][k + 1][0], who, k + 1, nxt))
+    for i, (a, s1, e1) in enumerate(windows):
+        for b, s2, e2 in windows[i + 1:]:
+            assert a == b or e1 <= s2 or e2 <= s1, (a, s1, e1, b, s2, e2)

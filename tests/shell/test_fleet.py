@@ -455,3 +455,33 @@ def test_without_fleet_nothing_of_it_runs_and_redis_is_not_imported(tmp_path: Pa
     import subprocess
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
+
+
+async def test_a_replica_whose_rollout_config_differs_applies_nothing_of_it_and_shows_the_skew(
+        redis_server: RedisServer, upstreams, make_sidecar, monkeypatch, client):
+    """A replica with other rollout steps than the fleet's: its route keeps the configured split, /admin/fleet
+    shows the skew (on it and, for it, on the leader), and it refuses to steer that rollout (409)."""
+    up = await upstreams.start(model)
+    monkeypatch.setenv("SIDECAR_REPLICA_ID", "a")
+    a = await make_sidecar(fleet_config(redis_server.url, up.url, up.url, interval="30s"))
+    monkeypatch.setenv("SIDECAR_REPLICA_ID", "b")
+    b = await make_sidecar(fleet_config(redis_server.url, up.url, up.url, interval="30s", steps=[20, 100]))
+    assert a.services.fleet is not None and a.services.fleet.view.leading
+    async with client.get(b.admin_url + "/admin/fleet") as resp:
+        doc = await resp.json()
+    assert doc["leader"] == "a" and [s["route"] for s in doc["skew"]] == ["r"]
+    assert weights_of(await (await client.get(b.admin_url + "/admin/status")).json(), "r") == \
+        {"stable": 100.0, "canary": 0.0}
+    assert weights_of(await (await client.get(a.admin_url + "/admin/status")).json(), "r") == \
+        {"stable": 90.0, "canary": 10.0}
+
+    async def leader_sees_it() -> bool:
+        async with client.get(a.admin_url + "/admin/fleet") as resp:
+            members = {m["replica"]: m["skew"] for m in (await resp.json())["members"]}
+        return members == {"a": [], "b": ["r"]}
+
+    await until(leader_sees_it, 3, "the leader sees b's skew")
+    async with client.post(b.admin_url + "/admin/routes/r/rollout/pause") as resp:
+        assert resp.status == 409 and "differs from the fleet's" in (await resp.json())["error"]["message"]
+    async with client.post(a.admin_url + "/admin/routes/r/rollout/pause") as resp:
+        assert resp.status == 200
