@@ -283,13 +283,21 @@ class Fleet:
         client = self._client
         if client is None:
             raise StoreUnavailable("the fleet's store is not connected yet")
+        task = asyncio.current_task()
         try:
             async with asyncio.timeout(self.timeout_s):
-                return await fn(client)
+                result = await fn(client)
         except (RedisError, OSError, TimeoutError) as e:
+            if task is not None and task.cancelling():
+                # the client turned our cancellation into an error of its own (a connection cut
+                # mid-reply): cancelled it stays, or the task that owns this call never stops
+                raise asyncio.CancelledError from e
             why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             self._fault(why)
             raise StoreUnavailable(f"the fleet's store cannot be reached: {why}") from None
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError   # cancelled as the answer came: the answer is dropped
+        return result
 
     def _fault(self, why: str) -> None:
         self.metrics.fleet_sync_errors.labels().value += 1
@@ -306,7 +314,7 @@ class Fleet:
             elif isinstance(s, LostLead):
                 log.warning("fleet %s: %s no longer leads: %s", self.cfg.name, self.policy.replica, s.reason)
             elif isinstance(s, StoreDown):
-                log.error("fleet %s: store unreachable (%s): rollouts pause", self.cfg.name, s.error)
+                pass   # `_fault` logs it (at most every LOG_EVERY_S)
             elif isinstance(s, StoreBack):
                 log.warning("fleet %s: store back after %.1fs", self.cfg.name, s.down_s)
 
