@@ -327,8 +327,8 @@ async def test_canary_failing_through_a_follower_only_is_rolled_back_by_the_lead
 
 async def test_store_stopped_mid_rollout_pauses_it_and_costs_no_request(fleet_of_three: Fleet,
                                                                           redis_server: RedisServer):
-    """Redis stops at step 1: requests go on, the rollout pauses with the reason, admin changes get 503;
-    Redis comes back empty: the replicas refill it and the rollout goes on from step 1 to promotion."""
+    """Redis stops at step 1: requests go on, /readyz stays 200, the rollout pauses with the reason, admin
+    changes get 503; Redis comes back empty: the replicas refill it and the rollout goes on to promotion."""
     f = fleet_of_three
     task = await run_traffic(f)
     try:
@@ -339,6 +339,9 @@ async def test_store_stopped_mid_rollout_pauses_it_and_costs_no_request(fleet_of
             await until(functools.partial(_store_down, f, r), 5, "store seen down")
         note = (await f.rollout(f.replicas[0]))["fleet"]
         assert note["paused"].startswith("fleet store unreachable") and not note["judged_here"]
+        for r in f.replicas:   # readiness does not depend on the store
+            async with f.s.get(f"http://127.0.0.1:{r.admin}/readyz") as resp:
+                assert resp.status == 200
         async with f.s.post(f"http://127.0.0.1:{f.replicas[1].admin}/admin/routes/r/rollout/pause") as resp:
             assert resp.status == 503 and (await resp.json())["error"]["type"] == "store_unavailable"
         async with f.s.put(f"http://127.0.0.1:{f.replicas[2].admin}/admin/routes/plain/weights",
