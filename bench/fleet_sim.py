@@ -146,11 +146,13 @@ async def main(args: argparse.Namespace) -> None:
         print(f"weight change on every replica: median {statistics.median(took) * 1000:.0f} ms, "
               f"max {max(took) * 1000:.0f} ms over {len(took)} changes (sync_every {args.sync_every * 1000:.0f} ms)")
     finally:
-        await sidecars.aclose()
-        await ups.aclose()
-        await store.aclose(close_connection_pool=True)
-        redis_proc.kill()
-        await redis_proc.wait()
+        try:
+            await sidecars.aclose()
+            await ups.aclose()
+            await store.aclose(close_connection_pool=True)
+        finally:   # the redis-server goes whatever happened above
+            redis_proc.kill()
+            await redis_proc.wait()
 
 
 if __name__ == "__main__":
