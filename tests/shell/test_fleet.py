@@ -328,8 +328,14 @@ async def test_canary_failing_through_a_follower_only_is_rolled_back_by_the_lead
 async def test_store_stopped_mid_rollout_pauses_it_and_costs_no_request(fleet_of_three: Fleet,
                                                                           redis_server: RedisServer):
     """Redis stops at step 1: requests go on, /readyz stays 200, the rollout pauses with the reason, admin
-    changes get 503; Redis comes back empty: the replicas refill it and the rollout goes on to promotion."""
+    changes get 503; Redis comes back empty: the replicas refill it (rollout state, weights) and the rollout
+    goes on to promotion."""
+    import redis.asyncio as ra
+
     f = fleet_of_three
+    async with f.s.put(f"http://127.0.0.1:{f.replicas[1].admin}/admin/routes/plain/weights",
+                       json={"stable": 50, "canary": 50}) as resp:
+        assert resp.status == 200
     task = await run_traffic(f)
     try:
         await until(lambda: _step(f, f.replicas[0], 1), 15, "step 1")
@@ -354,6 +360,14 @@ async def test_store_stopped_mid_rollout_pauses_it_and_costs_no_request(fleet_of
         await until(lambda: _state(f, f.replicas[1], "promoted"), 25, "promoted after the store came back")
     finally:
         await stop(task)
+    store = ra.Redis.from_url(redis_server.url, decode_responses=True)
+    try:   # the weight override the store lost was written back by the replicas
+        refilled = await store.hget("sidecar:fleet:{test}:state", "weights:plain")
+    finally:
+        await store.aclose(close_connection_pool=True)
+    assert refilled is not None and json.loads(refilled)["weights"] == {"stable": 50.0, "canary": 50.0}
+    for r in f.replicas:
+        assert weights_of(await f.get(r, "/admin/status"), "plain") == {"stable": 50.0, "canary": 50.0}
     assert set(f.statuses) == {200}, f"failed requests: {[s for s in f.statuses if s != 200][:10]}"
     doc = await f.rollout(f.replicas[2])
     assert [d["action"] for d in doc["decisions"]].count("restart") == 0
