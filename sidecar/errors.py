@@ -11,6 +11,7 @@
     ├── UpstreamTimeout               504 upstream_timeout     deadline or try timeout
     ├── NoBackendAvailable            503 no_backend_available + Retry-After
     ├── Overloaded                    503 overloaded           + Retry-After (load shedding)
+    ├── StoreUnavailable              503 store_unavailable    the fleet's store (admin changes only)
     ├── ClientDisconnected            499 client_disconnected  the client left mid-upload (metrics only)
     └── InternalError                 500 internal             a bug in the sidecar (logged)
 
@@ -77,6 +78,13 @@ class NoBackendAvailable(SidecarError):
 
 class Overloaded(SidecarError):
     status, type, retry_after_s = 503, "overloaded", 1
+
+
+class StoreUnavailable(SidecarError):
+    """The fleet's store cannot be reached: an admin change that must go through it is refused."""
+
+    status, type = 503, "store_unavailable"
+    retry_after_s = 1
 
 
 class ClientDisconnected(SidecarError):

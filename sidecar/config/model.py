@@ -180,6 +180,28 @@ class AdminConfig(_Model):
     token: str = Field(default="", description="when non-empty, admin calls need 'Authorization: Bearer <token>'")
 
 
+class FleetConfig(_Model):
+    """`fleet` (docs/fleet.md): replicas with the same name share one rollout and one set of weights."""
+
+    redis: str = Field(description="the shared store, Redis 6 or later: redis://[user:password@]host:port/db, "
+                                   "rediss:// for TLS; credentials via ${VAR}")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=64,
+                      description="replicas with the same name form one fleet")
+    lease: Duration = Field(default=10.0, description="one replica leads (judges rollouts); another takes over "
+                                                      "within this; at least 3 x sync_every")
+    sync_every: Duration = Field(default=1.0, description="each replica publishes its counts and reads the fleet's "
+                                                          "decisions this often; also the timeout of a store call")
+
+    @model_validator(mode="after")
+    def _check(self) -> FleetConfig:
+        if not re.match(r"^(redis|rediss|unix)://", self.redis):
+            raise ValueError(f"redis must be a redis://, rediss:// or unix:// URL, got {self.redis.split('://')[0]!r}")
+        if self.lease < 3 * self.sync_every:
+            raise ValueError(f"lease ({self.lease:g}s) must be at least 3 x sync_every ({self.sync_every:g}s): "
+                             "the leader renews it every sync_every")
+        return self
+
+
 class LimitsConfig(_Model):
     max_body_bytes: ByteSize = Field(default=10 * 1024**2,
                                      description="larger request bodies get 413 (declared or chunked; not buffered)")
@@ -678,6 +700,8 @@ class Config(_Model):
     access_log: bool = Field(default=True, description="one JSON line per request on stdout")
     state_dir: str | None = Field(
         default=None, description="folder for runtime weight overrides (survive restarts); relative to the config file")
+    fleet: FleetConfig | None = Field(default=None, description="replicas acting as one through Redis "
+                                                                "(docs/fleet.md); read at start")
     backends: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=64)], BackendConfig] = Field(
         min_length=1, description="the model servers, by name")
     routes: list[RouteConfig] = Field(min_length=1, description="first match wins; no match is 404")

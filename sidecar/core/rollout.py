@@ -439,7 +439,7 @@ class RolloutState:
                 seen=(seen[0], seen[1], seen[2], seen[3]),
                 decisions=tuple(Decision.from_json(x) for x in d["decisions"]),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:   # int(inf): OverflowError
             raise ValueError(f"rollout state: {e}") from e
         if st.step < 0:
             raise ValueError(f"rollout state: step {st.step}")

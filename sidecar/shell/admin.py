@@ -12,6 +12,9 @@
                                              (both 409 while the route's rollout steers its weights)
     GET    /admin/routes/{route}/rollout     the rollout: state, step, weights, decisions
     POST   /admin/routes/{route}/rollout/{action}  pause, resume, promote, rollback, restart (409: not allowed)
+    GET    /admin/fleet                      the fleet: leader, epoch, members, store health, skew (name null without)
+                                             (with `fleet`, weight and rollout changes go through its store: 503
+                                             while it cannot be reached)
     GET    /admin/feedback                   feedback per route, backend and segment value
     GET    /admin/history                    the status page's charts: rates, codes, p50/p99, weights over time
     GET    /admin/openapi.json               OpenAPI 3.1 of all of the above
@@ -77,6 +80,8 @@ from sidecar import __version__
 from sidecar.config.load import place_of
 from sidecar.config.plan import Plan, RoutePlan
 from sidecar.core.rollout import AdminAction
+from sidecar.errors import StoreUnavailable
+from sidecar.shell.fleet import replica_id
 from sidecar.shell.openapi import openapi_document
 from sidecar.shell.proxy import Proxy
 from sidecar.shell.reload import Reloader, Result
@@ -463,6 +468,16 @@ async def put_weights(request: web.Request) -> web.Response:
         weights = merge_weights(route, sidecar.services.overrides.weights_of(route), body)
     except InvalidWeights as e:
         return admin_error(400, "invalid_weights", str(e), route=route.name)
+    if sidecar.services.fleet is not None:   # every replica's, through the store (docs/fleet.md)
+        try:
+            await sidecar.services.fleet.put_weights(rt, route.name, weights)
+        except StoreUnavailable as e:
+            return _store_error(e, route.name)
+        rt = sidecar.proxy.runtime
+        again = _route_or_404(sidecar, route.name)   # a reload may have run while the store answered
+        if isinstance(again, web.Response):
+            return again
+        route = again
     sidecar.services.overrides.set(rt, route, weights)
     log.info("weights of route %s set by the admin API: %s", route.name,
              ", ".join(f"{b}={w:g}" for b, w in weights.items()))
@@ -477,11 +492,27 @@ async def delete_weights(request: web.Request) -> web.Response:
         return route
     if (refused := _steered(sidecar, route)) is not None:
         return refused
+    if sidecar.services.fleet is not None:
+        try:
+            await sidecar.services.fleet.put_weights(sidecar.proxy.runtime, route.name, None)
+        except StoreUnavailable as e:
+            return _store_error(e, route.name)
+        again = _route_or_404(sidecar, route.name)   # a reload may have run while the store answered
+        if isinstance(again, web.Response):
+            return again
+        route = again
     rt = sidecar.proxy.runtime
     if sidecar.services.overrides.clear(rt, route):
         log.info("weight override of route %s cleared by the admin API", route.name)
     persisted = await sidecar.services.overrides.save()
     return json_response({**route_status(sidecar, rt, route), "persisted": persisted})
+
+
+def _store_error(e: StoreUnavailable, route: str | None = None) -> web.Response:
+    """503 while the fleet's store cannot take an admin change (docs/fleet.md#faults)."""
+    resp = admin_error(e.status, e.type, e.message, **({} if route is None else {"route": route}))
+    resp.headers["Retry-After"] = str(e.retry_after_s)
+    return resp
 
 
 def _steered(sidecar: AdminHost, route: RoutePlan) -> web.Response | None:
@@ -529,10 +560,24 @@ async def post_rollout(request: web.Request) -> web.Response:
         res = await rollouts.admin(route.name, action)
     except KeyError:
         return admin_error(404, "not_found", f"route {route.name!r} has no rollout")
+    except StoreUnavailable as e:
+        return _store_error(e, route.name)
     if res.error is not None:
         return admin_error(res.error.status, res.error.type, res.error.message, route=route.name)
     log.info("rollout of route %s: %s by the admin API", route.name, action)
     return json_response(rollouts.status_json(route.name))
+
+
+# -- fleet --------------------------------------------------------------------------------------------------
+
+
+async def fleet(request: web.Request) -> web.Response:
+    """GET /admin/fleet: this replica's view of its fleet (without `fleet`: a fleet of one, `name` null)."""
+    f = request.app[SIDECAR_KEY].services.fleet
+    if f is None:
+        return json_response({"name": None, "replica": replica_id(), "leader": None, "epoch": 0, "leading": False,
+                              "judging": False, "members": [], "store": None, "skew": []})
+    return json_response(f.status_json())
 
 
 # -- page and API description ---------------------------------------------------------------------------
@@ -580,6 +625,7 @@ def build_admin_app(sidecar: AdminHost) -> web.Application:
     app.router.add_put("/admin/routes/{route}/weights", put_weights)
     app.router.add_delete("/admin/routes/{route}/weights", delete_weights)
     app.router.add_get("/admin/routes/{route}/rollout", get_rollout)
+    app.router.add_get("/admin/fleet", fleet)
     app.router.add_post("/admin/routes/{route}/rollout/{action}", post_rollout)
     app.router.add_get("/admin/openapi.json", openapi)
     app.router.add_get("/admin/mirrors", mirrors)

@@ -248,6 +248,16 @@ class Metrics:
             "failed (every try failed), skipped (the canary's version unresolved), dropped (queue full).",
             ("route", "outcome"))
         self.families += [self.backend_info, self.registry_calls, self.registry_writes]
+        # fleet (shell/fleet.py): without `fleet` the gauges read nothing and the counters stay 0
+        self.fleet_leader = CallbackGauge("fleet_leader", "1 while this replica leads its fleet, else 0.", ())
+        self.fleet_members = CallbackGauge("fleet_members", "Members of the fleet seen within 3 x sync_every.", ())
+        self.fleet_sync_errors = CounterFamily(
+            "fleet_sync_errors_total", "Calls to the fleet's store that failed (timeout, refused, error reply).", ())
+        self.fleet_writes_refused = CounterFamily(
+            "fleet_writes_refused_total", "Leader and rollout writes the store refused, by reason: lease (a deposed "
+            "leader's renewal), epoch (a deposed leader's rollout write), conflict (another replica wrote first), "
+            "not_leader (not sent: this replica no longer leads).", ("reason",))
+        self.families += [self.fleet_leader, self.fleet_members, self.fleet_sync_errors, self.fleet_writes_refused]
         # monitor: read from shell/monitor.py's published snapshots at scrape time
         rbf = ("route", "backend", "feature")
         self.drift_statistic = CallbackGauge(

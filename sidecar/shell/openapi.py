@@ -35,6 +35,8 @@ _ERR = {
     "401": _json(_ref("Error"), "a token is set and the request does not carry it"),
     **_HOST_ERR,
 }
+_STORE_ERR = _json(_ref("Error"), "with `fleet`: its store cannot be reached, so the change cannot reach "
+                                  "every replica (type store_unavailable, Retry-After); nothing changed")
 _MUTATING_ERR = {
     **_ERR,
     "403": _json(_ref("Error"), "the call comes from a web page of another origin (Origin, or Sec-Fetch-Site "
@@ -335,13 +337,15 @@ _paths: dict[str, dict[str, Any]] = {
                           "400": _json(_ref("Error"), "unknown backend, negative, not a number or all zero"),
                           "404": _json(_ref("Error"), "unknown route"),
                           "409": _json(_ref("Error"), "the route's rollout is progressing or baking "
-                                                      "(type rollout_conflict): pause it first"), **_MUTATING_ERR}},
+                                                      "(type rollout_conflict): pause it first"),
+                          "503": _STORE_ERR, **_MUTATING_ERR}},
         "delete": {
             "summary": "drop the route's override: back to the configured weights",
             "responses": {"200": _json(_ref("RouteStatus"), "the route with its configured weights"),
                           "404": _json(_ref("Error"), "unknown route"),
                           "409": _json(_ref("Error"), "the route's rollout is progressing or baking "
-                                                      "(type rollout_conflict)"), **_MUTATING_ERR}},
+                                                      "(type rollout_conflict)"),
+                          "503": _STORE_ERR, **_MUTATING_ERR}},
     },
     "/admin/routes/{route}/rollout": {
         "parameters": _ROUTE_PARAM,
@@ -355,9 +359,31 @@ _paths: dict[str, dict[str, Any]] = {
                             "#admin-actions)",
                  "responses": {"200": _json(_ref("Rollout"), "the rollout after the action"),
                                "404": _json(_ref("Error"), "unknown route or action, or no rollout"),
-                               "409": _json(_ref("Error"), "the rollout's state does not allow the action "
-                                                           "(type rollout_conflict)"), **_MUTATING_ERR}},
+                               "409": _json(_ref("Error"), "the rollout's state does not allow the action, "
+                                                           "it changed on another replica meanwhile, or this "
+                                                           "replica's rollout config differs from the fleet's "
+                                                           "(type rollout_conflict)"),
+                               "503": _STORE_ERR, **_MUTATING_ERR}},
     },
+    "/admin/fleet": {"get": {
+        "summary": "this replica's view of its fleet (docs/fleet.md): the leader and its epoch, the members seen "
+                   "within 3 x sync_every with the routes whose rollout config differs from the fleet's (skew), "
+                   "the store's health",
+        "responses": {"200": _json({"type": "object", "properties": {
+            "name": {"type": ["string", "null"], "description": "null: no `fleet` is configured"},
+            "replica": {"type": "string"}, "leader": _STR_OR_NULL,
+            "epoch": {"type": "integer"}, "leading": {"type": "boolean"},
+            "judging": {"type": "boolean", "description": "this replica judges rollouts now"},
+            "members": {"type": "array", "items": {"type": "object", "properties": {
+                "replica": {"type": "string"}, "last_sync": {"type": "number", "description": "Unix seconds"},
+                "skew": {"type": "array", "items": {"type": "string"}}}}},
+            "store": {"type": ["object", "null"], "properties": {
+                "healthy": {"type": "boolean"}, "state": {"enum": ["unknown", "healthy", "down"]},
+                "error": _STR_OR_NULL, "url": {"type": "string", "description": "without credentials"},
+                "last_sync": _NUM_OR_NULL}},
+            "skew": {"type": "array", "items": {"type": "object", "properties": {
+                "route": {"type": "string"}, "key": {"type": "string"}, "fleet_key": {"type": "string"}}}},
+            "lease_s": {"type": "number"}, "sync_every_s": {"type": "number"}}}, "the fleet"), **_ERR}}},
     "/admin/openapi.json": {"get": {"summary": "this document",
                                     "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1"), **_ERR}}},
 }

@@ -98,7 +98,7 @@ def restart_only_changes(old: Plan, new: Plan) -> tuple[list[str], list[str]]:
 
     The listeners are bound sockets: a new address is an error (the reload is rejected, so
     the file and the process never silently disagree on where traffic goes). Server
-    parser limits and `state_dir` are fixed at start: a change is accepted with a warning.
+    parser limits, `state_dir` and `fleet` are fixed at start: a change is accepted with a warning.
     """
     errors: list[str] = []
     warnings: list[str] = []
@@ -113,6 +113,8 @@ def restart_only_changes(old: Plan, new: Plan) -> tuple[list[str], list[str]]:
                     if getattr(new.limits, key) != getattr(old.limits, key))
     if new.config.state_dir != old.config.state_dir:
         warnings.append("state_dir: the new folder is used after a restart")
+    if new.config.fleet != old.config.fleet:
+        warnings.append("fleet: the new block is used after a restart (docs/fleet.md)")
     return errors, warnings
 
 

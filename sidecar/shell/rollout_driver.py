@@ -28,16 +28,26 @@ canary and baseline of a rolled-out route, one list append.
 
 NOTE (approximations): `latency_s` holds request latencies (retries included), not try
 latencies; at most `MAX_LATENCIES` per backend and step are kept, the first ones of the
-step. Counts are the process's own (no fleet pooling).
+step. Counts are the process's own, unless a fleet pools them (below).
+
+In a fleet (`fleet`, shell/fleet.py, set as `self.fleet`): only the leader ticks, and only
+while `fleet.why_not_judge()` is ""; it judges the fleet's pooled data and every change of
+state is written to the store (`_commit`, fenced by the lease's epoch) *before* it is carried
+out; a refused write is carried out nowhere. Notifications travel with that write and the
+leader sends them. Every replica follows the store's state (`follow_shared`): its weights,
+and its step (a new step run restarts the local step data). Admin actions read the store's
+state first and write with a compare-and-set; a store that cannot be reached raises
+`StoreUnavailable` (503).
 
 Concurrency: every change to a route's state happens on the loop under `self._lock`
 (ticks, admin actions, reloads), so an admin action never interleaves with a judgement.
 
-Every result is stamped with the canary's model version before it is carried out
-(core/rollout.py `attribute`), so decisions and webhook events say which version was judged.
+Every result is stamped with the canary's model version before it is written to the fleet's
+store or carried out (core/rollout.py `attribute`), so decisions and webhook events say which
+version was judged.
 
-Imports: stdlib, orjson, sidecar.config, sidecar.core, sidecar.shell (files, metrics, notify, registry, runtime,
-state).
+Imports: stdlib, numpy, orjson, sidecar.config, sidecar.core, sidecar.errors, sidecar.shell (files, metrics,
+notify, registry, runtime, state).
 """
 
 from __future__ import annotations
@@ -48,20 +58,23 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import numpy as np
 import orjson
 
 from sidecar.config.plan import RolloutPlan
 from sidecar.core.breaker import CircuitState
+from sidecar.core.fleet import afresh, step_id
 from sidecar.core.gates import BackendData, StepData
 from sidecar.core.outcome import Outcome
 from sidecar.core.registry import RolloutEnd
 from sidecar.core.rollout import (
+    Action,
     Admin,
     AdminAction,
     CircuitOpened,
+    Conflict,
     DiscardedState,
     Event,
     Notify,
@@ -76,8 +89,10 @@ from sidecar.core.rollout import (
     attribute,
     boot,
     handle,
+    next_check_at,
     would_allow,
 )
+from sidecar.errors import StoreUnavailable
 from sidecar.shell.files import write_atomically
 from sidecar.shell.metrics import Metrics
 from sidecar.shell.notify import Notifier
@@ -95,6 +110,21 @@ _FAILED: Final = frozenset(str(o) for o in Outcome if o.failed)
 _REGISTRY_ENDS: Final = {NotifyEvent.PROMOTED: RolloutEnd.PROMOTED, NotifyEvent.ROLLED_BACK: RolloutEnd.ROLLED_BACK}
 
 
+class FleetLink(Protocol):
+    """The fleet as the driver sees it (shell/fleet.py `Fleet`); absent without `fleet`."""
+
+    def why_not_judge(self) -> str: ...
+
+    def pooled(self, route: str, step: str, local: StepData) -> StepData: ...
+
+    async def commit(self, route: str, expected_rev: int, state: Mapping[str, Any],
+                     notify: list[dict[str, Any]], fenced: bool) -> int | None: ...
+
+    async def refresh(self, route: str) -> None: ...
+
+    def note(self, route: str) -> dict[str, Any]: ...
+
+
 @dataclass(slots=True)
 class _Rollout:
     """One route's rollout (loop-owned)."""
@@ -108,6 +138,11 @@ class _Rollout:
     latency: dict[str, list[float]] = field(default_factory=dict)
     would_weights: dict[str, int] | None = None     # dry run: what it would have applied
     circuit_open: bool = False
+    # in a fleet: the store's revision of this state, the skew (local key, fleet key) when the
+    # fleet's rollout config differs, and notifications waiting for the state's first write
+    rev: int = 0
+    skew: tuple[str, str] | None = None
+    pending: list[Notify] = field(default_factory=list)
 
 
 class RolloutDriver:
@@ -131,6 +166,7 @@ class RolloutDriver:
         self._written = 0
         self._write_lock = asyncio.Lock()
         self.errors = 0
+        self.fleet: FleetLink | None = None
 
     @property
     def path(self) -> Path | None:
@@ -192,7 +228,7 @@ class RolloutDriver:
                 old.plan = rp
                 self._latency[(name, rp.policy.canary)] = old.latency.setdefault(rp.policy.canary, [])
                 self._latency[(name, rp.policy.baseline)] = old.latency.setdefault(rp.policy.baseline, [])
-                if not rp.policy.dry_run:
+                if not rp.policy.dry_run and old.skew is None:
                     self._set_weights(runtime, old, old.state.weights(rp.policy))
                 continue
             saved = self._saved.pop(name, None) if initial else None
@@ -202,6 +238,8 @@ class RolloutDriver:
             res = boot(rp.policy, saved, now)
             ro = _Rollout(name, rp, res.state, res.next_check_at)
             self.by_route[name] = ro
+            if self.fleet is not None:   # sent with the state's first write to the store (`claim`)
+                ro.pending = [a for a in res.actions if isinstance(a, Notify)]
             self._carry_out(runtime, ro, res)
         for name in self._saved:
             log.warning("saved rollout state of route %s dropped: the route has no rollout now", name)
@@ -234,6 +272,8 @@ class RolloutDriver:
         live = self._live
         if live is None:
             return
+        if self.fleet is not None and self.fleet.why_not_judge():
+            return   # a follower, or the store is away: the rollout is paused (fleet.note says why)
         for name in list(self.by_route):
             async with self._lock:
                 ro = self.by_route.get(name)
@@ -248,9 +288,15 @@ class RolloutDriver:
                 if event is None:
                     continue
                 state, policy = ro.state, ro.plan.policy
-                res = await asyncio.to_thread(handle, policy, state, event, self.clock())
+                res = self._attributed(ro, await asyncio.to_thread(handle, policy, state, event, self.clock()))
                 if self.by_route.get(name) is not ro or ro.state is not state:
                     continue   # a reload replaced it meanwhile (adopt is sync, outside the lock)
+                if self.fleet is not None and res.state != state:
+                    try:
+                        if not await self._commit(ro, res.state, res.actions, fenced=True):
+                            continue   # refused (deposed): carried out nowhere
+                    except StoreUnavailable:
+                        continue       # counted and logged by the fleet; judged again once it is back
                 self._carry_out(live(), ro, res)
             await self.persist()
 
@@ -267,7 +313,17 @@ class RolloutDriver:
         """Carry out an admin action; KeyError when the route has no rollout (any more: a reload)."""
         async with self._lock:
             ro = self.by_route[route]    # looked up under the lock: a reload may have replaced it
-            res = handle(ro.plan.policy, ro.state, Admin(action, reason), self.clock())
+            if self.fleet is not None:
+                await self.fleet.refresh(route)   # the fleet's state now; StoreUnavailable: 503
+                if ro.skew is not None:
+                    return Result(ro.state, (), ro.next_check_at, Conflict(
+                        action, ro.state.state, f"this replica's rollout config of route {route!r} differs from "
+                        f"the fleet's (key {ro.skew[0]}, fleet {ro.skew[1]}): steer it on an up-to-date replica"))
+            res = self._attributed(ro, handle(ro.plan.policy, ro.state, Admin(action, reason), self.clock()))
+            if res.error is None and self.fleet is not None \
+                    and not await self._commit(ro, res.state, res.actions, fenced=False):
+                return Result(ro.state, (), ro.next_check_at, Conflict(
+                    action, ro.state.state, "the rollout changed on another replica meanwhile: try again"))
             if res.error is None and self._live is not None:
                 self._carry_out(self._live(), ro, res)
         await self.persist()
@@ -279,9 +335,12 @@ class RolloutDriver:
 
     # -- actions ------------------------------------------------------------------------------
 
+    def _attributed(self, ro: _Rollout, res: Result) -> Result:
+        """`res` with the canary's model version on its decisions and events (before a fleet write too)."""
+        return res if self.registry is None else attribute(res, self.registry.model_of(ro.plan.policy.canary))
+
     def _carry_out(self, rt: Runtime, ro: _Rollout, res: Result) -> None:
-        if self.registry is not None:
-            res = attribute(res, self.registry.model_of(ro.plan.policy.canary))
+        res = self._attributed(ro, res)
         ro.state = res.state
         ro.next_check_at = res.next_check_at
         self._generation += 1
@@ -299,8 +358,9 @@ class RolloutDriver:
                 self.metrics.rollout_decisions.labels(ro.route, str(d.verdict)).value += 1
                 log.info("%s", orjson.dumps({"rollout": ro.route, **d.to_json()}).decode())
             elif isinstance(action, Notify):
-                self.notifier.send(ro.route, ro.plan.notify, action.to_json(ro.route))
-                end = _REGISTRY_ENDS.get(action.event)
+                if self.fleet is None:   # in a fleet it went with the state's write; the leader sends it
+                    self.notifier.send(ro.route, ro.plan.notify, action.to_json(ro.route))
+                end = _REGISTRY_ENDS.get(action.event)   # written by the replica that decided
                 if end is not None and ro.plan.promote_alias is not None and self.registry is not None \
                         and not action.dry_run:
                     self.registry.rollout_event(ro.route, end, ro.plan.policy.canary, ro.plan.promote_alias,
@@ -342,6 +402,18 @@ class RolloutDriver:
             self._latency[(ro.route, b)] = lat
 
     def _step_data(self, ro: _Rollout) -> StepData:
+        data = self._local_data(ro)
+        return data if self.fleet is None else self.fleet.pooled(ro.route, step_id(ro.state), data)
+
+    def local_step_data(self, route: str) -> tuple[str, StepData] | None:
+        """This process's own data of the route's current step run, with the run's id (what a
+        fleet replica publishes); None without a rollout or while skewed."""
+        ro = self.by_route.get(route)
+        if ro is None or ro.skew is not None:
+            return None
+        return step_id(ro.state), self._local_data(ro)
+
+    def _local_data(self, ro: _Rollout) -> StepData:
         p = ro.plan.policy
 
         def backend_data(b: str) -> BackendData:
@@ -352,6 +424,94 @@ class RolloutDriver:
                                latency_s=np.asarray(ro.latency.get(b, ()), dtype=np.float64))
 
         return StepData(canary=backend_data(p.canary), baseline=backend_data(p.baseline))
+
+    # -- fleet --------------------------------------------------------------------------------
+
+    async def _commit(self, ro: _Rollout, state: RolloutState, actions: tuple[Action, ...] | list[Notify],
+                      fenced: bool) -> bool:
+        """Write `state` to the fleet's store over revision `ro.rev` (with the lease's epoch when
+        `fenced`), with its notifications. False when refused; StoreUnavailable propagates."""
+        assert self.fleet is not None
+        notify = [a.to_json(ro.route) for a in actions if isinstance(a, Notify)]
+        rev = await self.fleet.commit(ro.route, ro.rev, state.to_dict(), notify, fenced)
+        if rev is None:
+            return False
+        ro.rev = rev
+        return True
+
+    def follow_shared(self, route: str, doc: Mapping[str, Any], rev: int, *, force: bool = False) -> None:
+        """The store holds `doc` at revision `rev` for the route: make it this replica's state,
+        apply its weights, and restart the local step data when the step run changed. Refused
+        (and kept as `skew`) when the fleet's rollout config is not this replica's. Skipped
+        while a judgement or an admin action is under way (the next round follows), unless `force`."""
+        ro = self.by_route.get(route)
+        if ro is None or (self._lock.locked() and not force) or (rev == ro.rev and ro.skew is None):
+            return
+        p = ro.plan.policy
+        try:
+            st = RolloutState.from_dict(doc)
+        except ValueError as e:
+            ro.skew = (p.key, f"unreadable: {e}")
+            return
+        if st.key != p.key:
+            if ro.skew is None:
+                log.warning("rollout of route %s: the fleet's rollout config (key %s) differs from this replica's "
+                            "(key %s); nothing of it is applied here", route, st.key, p.key)
+                # nor of this replica's own rollout: the route goes back to its configured split
+                if self._live is not None and (plan := self._live().plan.routes_by_name.get(route)) is not None:
+                    self.overrides.clear(self._live(), plan)
+            ro.skew = (p.key, st.key)
+            return
+        prev, ro.skew, ro.pending = ro.state, None, []
+        ro.state, ro.rev = st, rev
+        now = self.clock()
+        ro.next_check_at = next_check_at(p, st, now)
+        self._generation += 1
+        if step_id(prev) != step_id(st):
+            self._reset(ro, st.step_started_at)
+        if not p.dry_run and self._live is not None:
+            rt = self._live()
+            plan = rt.plan.routes_by_name.get(route)
+            want = st.weights(p)
+            if plan is not None and any(self.overrides.weights_of(plan).get(b) != float(w) for b, w in want.items()):
+                self._set_weights(rt, ro, want)
+
+    async def claim(self, route: str, doc: Mapping[str, Any] | None, rev: int, fenced: bool) -> None:
+        """Write this replica's state of the route over the store's revision `rev`: a refill
+        (`doc` None: the store lost the state or never had it; any replica, first one wins) or,
+        `fenced`, a leader whose rollout config differs from the fleet's (its own config wins:
+        the rollout starts anew, as a reload that changes its key does)."""
+        async with self._lock:
+            ro = self.by_route.get(route)
+            if ro is None or self._live is None:
+                return
+            if doc is None:
+                ro.rev = rev
+                if await self._commit(ro, ro.state, ro.pending, fenced=False):
+                    log.info("rollout of route %s: written to the fleet's store (it had none)", route)
+                ro.pending = []
+                return
+            res = boot(ro.plan.policy, doc, self.clock())
+            ro.rev = rev
+            if await self._commit(ro, res.state, res.actions, fenced=True):
+                ro.skew = None
+                self._carry_out(self._live(), ro, res)
+
+    async def judge_afresh(self) -> None:
+        """The store came back: the leader restarts the interval of every step being judged."""
+        now = self.clock()
+        for name in list(self.by_route):
+            async with self._lock:
+                ro = self.by_route.get(name)
+                if ro is None or ro.skew is not None or self._live is None:
+                    continue
+                st = afresh(ro.plan.policy, ro.state, now)
+                if st is None or not await self._commit(ro, st, (), fenced=True):
+                    continue
+                log.info("rollout of route %s: the fleet's store is back; step %d is judged afresh from now",
+                         name, st.step)
+                self._carry_out(self._live(), ro, Result(st, (ResetStepData(st.step, now),),
+                                                         next_check_at(ro.plan.policy, st, now)))
 
     # -- persistence --------------------------------------------------------------------------
 
@@ -407,6 +567,7 @@ class RolloutDriver:
             # the canary's model now, and what the last promotion or rollback wrote to the registry
             "canary_model": self.registry.model_json(p.canary) if self.registry is not None else None,
             "registry": self.registry.rollout_json(route) if self.registry is not None else None,
+            **({} if self.fleet is None else {"fleet": self.fleet.note(route)}),
         }
 
     def summary_json(self, route: str) -> dict[str, Any] | None:

@@ -233,6 +233,7 @@ class Sidecar:
         await self.services.registry.start()
         # rollouts resume (or start) and apply their weights over the overrides
         await self.services.rollouts.start(lambda: self.proxy.runtime)
+        await self.services.join_fleet(lambda: self.proxy.runtime)   # with `fleet`: follow the fleet at once
         if overrides.dirty:
             await overrides.save()
 

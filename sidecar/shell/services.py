@@ -14,6 +14,8 @@ the one owner) and handed to whoever uses it (the proxy, the admin API, the relo
     rollouts     the rollout driver: state, judging, its file (shell/rollout_driver.py)
     history      the status page's charts: counters sampled every 5 s (shell/history.py)
     registry     the model registry: backends' versions, rollouts' writes (shell/registry.py)
+    fleet        with `fleet` only: the replicas' shared store (shell/fleet.py); None otherwise,
+                 and then nothing of it runs (its `fleet` block is read at start only)
 
 Their lifecycle, each step in one place:
 
@@ -27,8 +29,8 @@ Their lifecycle, each step in one place:
 A capability that must outlive a reload (the rollout driver, fleet membership, notifications)
 becomes a field here and joins these steps; everything else reaches it as `services.<name>`.
 
-Imports: stdlib, sidecar.config, sidecar.core.registry, sidecar.shell (accesslog, feedback, history, metrics,
-mirror, monitor, notify, registry, rollout_driver, runtime, state).
+Imports: stdlib, sidecar.config, sidecar.core.registry, sidecar.shell (accesslog, feedback, fleet, history,
+metrics, mirror, monitor, notify, registry, rollout_driver, runtime, state).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from sidecar.config.plan import Plan
 from sidecar.core.registry import ModelRef
 from sidecar.shell.accesslog import AccessLog
 from sidecar.shell.feedback import Feedback
+from sidecar.shell.fleet import Fleet
 from sidecar.shell.history import EVERY_S, HistorySampler
 from sidecar.shell.metrics import Metrics, loop_task_samples
 from sidecar.shell.mirror import Mirrors
@@ -73,6 +76,9 @@ class Services:
         self.rollouts = RolloutDriver(self.metrics, self.overrides, self.overrides.state_dir, self.notifier,
                                       registry=self.registry)
         self.history = HistorySampler(self.metrics, self.mirrors, self.feedback, history_every_s)
+        fleet = plan.config.fleet
+        self.fleet = None if fleet is None else Fleet(fleet, self.metrics, self.rollouts, self.overrides,
+                                                      self.notifier)
         self._follow(plan)
 
     def _attribute(self, models: Mapping[str, ModelRef]) -> None:
@@ -97,9 +103,17 @@ class Services:
 
     def tasks(self) -> dict[str, Coroutine[Any, Any, None]]:
         """The background loops, by task name; each runs until cancelled."""
-        return {"access-log": self.access_log.run(), "monitor": self.monitor.run(), "feedback": self.feedback.run(),
-                "rollouts": self.rollouts.run(), "notify": self.notifier.run(), "history": self.history.run(),
-                "registry": self.registry.run()}
+        tasks = {"access-log": self.access_log.run(), "monitor": self.monitor.run(), "feedback": self.feedback.run(),
+                 "rollouts": self.rollouts.run(), "notify": self.notifier.run(),
+                 "history": self.history.run(), "registry": self.registry.run()}
+        if self.fleet is not None:
+            tasks["fleet"] = self.fleet.run()
+        return tasks
+
+    async def join_fleet(self, live: Callable[[], Runtime]) -> None:
+        """At start, once the rollouts booted: the first round with the fleet's store (no-op without `fleet`)."""
+        if self.fleet is not None:
+            await self.fleet.join(live)
 
     def bind_gauges(self, live: Callable[[], Runtime]) -> None:
         """The one place where callback gauges are bound to what they read at scrape time.
@@ -119,6 +133,9 @@ class Services:
         # rollouts
         m.rollout_step.read = self.rollouts.step_samples
         m.rollout_state.read = self.rollouts.state_samples
+        if self.fleet is not None:
+            m.fleet_leader.read = self.fleet.leader_samples
+            m.fleet_members.read = self.fleet.member_samples
         # shadows
         m.mirror_agreement.read = mirrors.agreement_samples
         # the monitor's published snapshots
