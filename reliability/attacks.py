@@ -46,20 +46,16 @@ import aiohttp
 from reliability.common import metric, rss_mib, start_process
 from tests import desync
 from tests import upstreams as u
+from tests.harness import free_port
 
 ATTACKS = ["desync", "chunks", "stalled"]
 HERE = str(Path(__file__).resolve().parents[1])  # this checkout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def _config(backend_url: str, **limits: Any) -> dict[str, Any]:
     return {
-        "listen": f"127.0.0.1:{_free_port()}", "admin": {"listen": f"127.0.0.1:{_free_port()}"},
+        "listen": f"127.0.0.1:{free_port()}", "admin": {"listen": f"127.0.0.1:{free_port()}"},
         "access_log": False, "drain": {"delay": 0, "grace": 2}, "limits": limits,
         "backends": {"b": {"url": backend_url, "max_connections": 1}},
         "routes": [{"name": "r", "match": {"path_prefix": "/"}, "split": {"b": 100}, "timeout": "10s"}],

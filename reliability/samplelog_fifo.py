@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import tempfile
 import threading
 import time
@@ -27,12 +26,7 @@ import orjson
 from aiohttp import web
 
 from reliability.common import metric, rss_mib, start_process
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.harness import free_port
 
 
 def drain(path: Path) -> None:

@@ -44,7 +44,6 @@ import asyncio
 import contextlib
 import json
 import random
-import socket
 import sys
 import tempfile
 import time
@@ -58,6 +57,7 @@ from aiohttp import web
 
 from reliability.common import Outcome, describe, metric, open_fds, rss_mib, send, start_process
 from tests import upstreams as u
+from tests.harness import free_port
 
 BIG_BYTES = 2_000_000
 SSE_EVENTS = [f"tok{i}" for i in range(5)]
@@ -99,11 +99,6 @@ MIX: list[Kind] = [
     Kind("no_route", 2, "POST", "/nowhere", frozenset({(404, "no_route")})),
 ]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _start_on_free_ports(urls: dict[str, str], tmp: Path,

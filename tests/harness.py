@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -95,3 +96,11 @@ def missing(what: str) -> NoReturn:
     if os.environ.get("CI") == "true":
         pytest.fail(what)
     pytest.skip(what)
+
+
+def free_port() -> int:
+    """A loopback port free now. Another process can take it before it is bound: callers that start a
+    server on it either retry (reliability/soak.py) or bind within milliseconds."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

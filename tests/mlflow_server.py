@@ -14,7 +14,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ from typing import Any
 
 import aiohttp
 
+from tests.harness import free_port
+
 START_TIMEOUT_S = 240.0   # a cold start imports MLflow twice (CLI, then the uvicorn worker): ~20 s idle, far more busy
 
 
@@ -34,12 +35,6 @@ def mlflow_executable() -> str | None:
         return str(beside)
     return os.environ.get("SIDECAR_TEST_MLFLOW") or shutil.which("mlflow")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @contextlib.contextmanager

@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -23,7 +22,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from tests.harness import missing, until
+from tests.harness import free_port, missing, until
 from tests.upstreams import Upstream, UpstreamFactory
 
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -31,11 +30,6 @@ REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
 SYNC_S = 0.25
 LEASE_S = 1.0
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RedisServer:

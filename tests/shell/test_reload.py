@@ -7,7 +7,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import yaml
 from sidecar.shell.reload import Result
 from tests import upstreams as u
 from tests.conftest import MakeSidecar, sidecar_config
-from tests.harness import until
+from tests.harness import free_port, until
 
 PREDICT = "/v1/models/fraud"
 
@@ -347,18 +346,13 @@ async def test_weights_survive_a_restart_and_drop_when_the_route_changed(
     assert state["weights"] == {}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 async def test_sighup_reloads_a_running_process(upstreams, client, tmp_path):
     """`sidecar run` reloads its config on SIGHUP and exits 0 on SIGTERM."""
     up = await upstreams.start()
     path = tmp_path / "sidecar.yaml"
-    admin_port = _free_port()
-    base = {"listen": f"127.0.0.1:{_free_port()}", "admin": {"listen": f"127.0.0.1:{admin_port}"},
+    admin_port = free_port()
+    base = {"listen": f"127.0.0.1:{free_port()}", "admin": {"listen": f"127.0.0.1:{admin_port}"},
             "drain": {"delay": 0, "grace": 2}, "access_log": False}
     await asyncio.to_thread(write_config, path, yaml.safe_dump({**base, **fraud(up.url, up.url)}))
     env = {**os.environ, "SIDECAR_CONFIG_POLL_S": "0"}     # only the signal may trigger the reload
