@@ -641,11 +641,13 @@ class LocalPendingStore:
             del self._order_seq[: self._start]
             self._start = 0
 
-    def items(self) -> list[tuple[str, Pending]]:
-        """Every pending prediction (request id, Pending), oldest first: what a fleet's replica
-        hands to the shared store (shell/feedback_share.py). O(pending)."""
-        out = []
+    def items(self, limit: int | None = None) -> list[tuple[str, Pending]]:
+        """The pending predictions (request id, Pending), oldest first, at most `limit`: what a
+        fleet's replica hands to the shared store (shell/feedback_share.py). O(what it reads)."""
+        out: list[tuple[str, Pending]] = []
         for i in range(self._start, len(self._order_hash)):
+            if limit is not None and len(out) >= limit:
+                break
             record = self._live(i)
             if record is not None:
                 out.append(self._read(record))

@@ -7,11 +7,12 @@ the fleet's store. It belongs to the feedback worker thread, like the tracker th
 so its store calls are the worker's (a blocking client, each call bounded by `sync_every`
 / 2; never the event loop), and they are ordered with the captures and joins without locks:
 
-- `publish(now)`, every `sync_every` (core/feedback_share.py `Schedule`): every prediction
-  pending here goes to the store in ONE pipeline, `HSET` of the current bucket's hash (field:
-  request id, value: `encode`d) and `PEXPIREAT` (`Buckets`); once the store took them they
-  are dropped here, so the store answers for them from then on and a prediction is joined
-  at most once in the fleet. On failure they stay here (joined here, retried next time).
+- `publish(now)`, every `sync_every` (core/feedback_share.py `Schedule`): the predictions
+  pending here (the oldest MAX_PUBLISH; more wait for the next time) go to the store in ONE
+  pipeline, `HSET` of the current bucket's hash (field: request id, value: `encode`d) and
+  `PEXPIREAT` (`Buckets`); once the store took them they are dropped here, so the store
+  answers for them from then on and a prediction is joined at most once in the fleet. On
+  failure they stay here (joined here, handed over next time).
 - `join_many`: the local store first; the ids it does not know are looked up in the store in
   ONE call (`TAKE_LUA`: per id, the first bucket that has it, read and deleted in one
   atomic step, so two replicas never both join it). Found: joined here, as a local join.
@@ -19,6 +20,11 @@ so its store calls are the worker's (a blocking client, each call bounded by `sy
 
 Failures are counted in `errors` (the loop adds them to `fleet_sync_errors_total`) and
 logged at most every 10 s; after one, the store is left alone for `sync_every`.
+
+NOTE: a publish that reached the store but whose answer did not come back in time counts as
+failed; its predictions stay here too and go again next time, so one of them labelled in
+between can join twice (once from the store on another replica, once here or again from the
+store). It takes a timeout on a reply that was already on its way: rare, and counted.
 
 Keys: `sidecar:fleet:{NAME}:fb:ROUTE:FINGERPRINT:BUCKET`: replicas whose feedback section
 differs (its fingerprint) never join each other's predictions.
@@ -43,6 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("sidecar.fleet")
 
 LOG_EVERY_S: Final = 10.0
+MAX_PUBLISH: Final = 20_000   # predictions handed over per route and sync_every (the oldest first)
 
 # KEYS: the buckets' hashes, newest first; ARGV: request ids. Per id, the value of the first
 # bucket that has it, deleted there (false: in none). Atomic: one replica takes a prediction.
@@ -97,8 +104,6 @@ class SharedPendingStore:
         self.buckets = Buckets.of(local.keep_s, sync_every_s)
         self.schedule = Schedule(sync_every_s)
         self.errors = errors
-        self.published_total = 0
-        self.joined_shared_total = 0
         self._take: Any = client.register_script(TAKE_LUA)
         self._throttle = Throttle(LOG_EVERY_S)
 
@@ -144,7 +149,6 @@ class SharedPendingStore:
                 continue
             if first[rid] == k:
                 out[k] = p
-                self.joined_shared_total += 1
             else:
                 out[k] = Miss(JoinOutcome.DUPLICATE, p.backend)
         return out
@@ -163,7 +167,7 @@ class SharedPendingStore:
         if not self.schedule.publish_due(now):
             return 0
         self.local.expire(now)
-        items = self.local.items()
+        items = self.local.items(MAX_PUBLISH)
         if not items:
             return 0
         bucket = self.buckets.bucket(time.time())
@@ -177,6 +181,5 @@ class SharedPendingStore:
             self._failed("publish", e)
             return 0
         self.local.discard(rid for rid, _ in items)
-        self.published_total += len(items)
         return len(items)
 
