@@ -166,7 +166,6 @@ class SharedPendingStore:
         docstring); returns how many went."""
         if not self.schedule.publish_due(now):
             return 0
-        self.local.expire(now)
         items = self.local.items(MAX_PUBLISH)
         if not items:
             return 0

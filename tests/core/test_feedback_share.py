@@ -68,6 +68,7 @@ def test_a_local_store_hands_over_its_pending_and_forgets_only_those():
     store.add_many([(f"id{i}", Pending("stable", float(i), i % 2, 0.5, (i,))) for i in range(5)], 4.0)
     items = store.items()
     assert [rid for rid, _ in items] == [f"id{i}" for i in range(5)]
+    assert [rid for rid, _ in store.items(2)] == ["id0", "id1"]      # a hand-over takes the oldest first
     assert items[3][1] == Pending("stable", 3.0, 1, 0.5, (3,))
     store.discard(["id1", "id3", "never"])
     assert [rid for rid, _ in store.items()] == ["id0", "id2", "id4"]

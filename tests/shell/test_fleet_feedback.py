@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio
 from aiohttp import web
 
 from tests.harness import until
@@ -89,11 +90,20 @@ async def two(redis_server: RedisServer, upstreams: UpstreamFactory, tmp_path: P
         await b.stop()
 
 
-async def test_a_label_posted_to_another_replica_joins_there(two: Two):
+async def test_a_label_posted_to_another_replica_joins_there(two: Two, redis_server: RedisServer):  # noqa: F811
     """Served by A, labelled on B: joined on B, shown in B's /admin/feedback and metrics as a
     local join is; A counts nothing, and the same label again, on either, joins nothing."""
     rids = [await two.predict(two.a) for _ in range(10)]
     await two.handed_over(two.a)
+    # in the store, under an expiry: kept at least `keep` (60 s) and at most keep + one bucket (60/16 s)
+    store = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        keys = [k async for k in store.scan_iter(match="sidecar:fleet:{fb}:fb:r:*")]
+        assert keys and sum([await store.hlen(k) for k in keys]) == 10
+        for k in keys:
+            assert 55_000 < await store.pttl(k) <= 60_000 + 60_000 / 16 + 1000
+    finally:
+        await store.aclose()
     labels = [{"request_id": rid, "label": 1 if i < 7 else 0} for i, rid in enumerate(rids)]
     assert await two.label(two.b, labels) == ["joined"] * 10
     doc = await two.route(two.b)
