@@ -42,7 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Final
 
@@ -115,7 +115,7 @@ class Feedback:
         self._client: Redis | None = None                   # worker-side after `share`
         self._store_errors = ErrorCount()                   # written by the worker
         self._store_errors_seen = 0                         # loop-side
-        self.on_store_errors: Any = None                    # loop: called with the new failures' count
+        self.on_store_errors: Callable[[int], None] | None = None   # loop: called with new failures' count
 
     # -- config (loop) ------------------------------------------------------------------------
 
