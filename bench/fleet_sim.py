@@ -4,6 +4,7 @@ takes to reach every replica (docs/fleet.md#what-it-costs).
 
     python3 bench/fleet_sim.py                          # 20 replicas, sync_every 1s, 10 s windows
     python3 bench/fleet_sim.py --replicas 20 --sync-every 0.2
+    python3 bench/fleet_sim.py --feedback --rps 200 --changes 0   # feedback shared across replicas
 
 Starts a `redis-server` on a free loopback port (persistence off), one fake model, and
 `--replicas` in-process sidecars (tests/harness.py) in one fleet, each with its own replica id,
@@ -12,6 +13,10 @@ a route with a rollout (its interval long enough not to finish) and a plain rout
 1. Commands: `INFO commandstats` before and after a window with no traffic, then a window with
    `--rps` requests per second spread over the replicas: Redis commands per second in all and
    per replica, by command. The two windows show that the rate follows the replicas, not the traffic.
+   With `--feedback`, route `r` has `feedback` (keep 10 min) and the traffic window also posts
+   labels: every 0.5 s, for every other answer older than 3 x sync_every, one POST to the
+   NEXT replica than the one that answered (so every join goes through the store). It prints
+   the outcomes, the store's hashes and fields, and their Redis memory (MEMORY USAGE) per prediction.
 2. Propagation: `--changes` times, a `PUT .../weights` on one replica (alternating), and the time
    until every replica's split routes by the new weights (each replica's runtime polled every
    10 ms in-process): median and max.
@@ -98,6 +103,9 @@ async def main(args: argparse.Namespace) -> None:
                  "rollout": {"canary": "canary", "baseline": "stable", "steps": [10, 100], "interval": "1h",
                              "min_requests": 10, "gates": {"max_error_rate": 0.1}}},
                 {"name": "plain", "match": {"path_prefix": "/plain"}, "split": {"stable": 100, "canary": 0}}]}
+        if args.feedback:
+            cfg["routes"][0]["feedback"] = {"path": "/fb", "prediction": {"path": "$.predictions[0]", "threshold": 0.5},
+                                            "metric": "accuracy", "keep": "10m"}
         replicas: list[Sidecar] = []
         for i in range(args.replicas):
             os.environ["SIDECAR_REPLICA_ID"] = f"sim-{i}"   # read when the sidecar is built
@@ -107,23 +115,49 @@ async def main(args: argparse.Namespace) -> None:
                                 for sc in replicas), 30, "every replica sees the whole fleet")
         print(f"{args.replicas} replicas, sync_every {args.sync_every}s, redis-server {port}")
         await window(store, args.seconds, args.replicas, "idle")
+        answered: list[tuple[float, int, str]] = []      # (when, replica index, request id)
+        outcomes: dict[str, int] = {}
         async with aiohttp.ClientSession() as s:
 
             async def traffic() -> None:
                 i = 0
                 while True:
-                    sc = replicas[i % len(replicas)]
+                    k = i % len(replicas)
                     i += 1
-                    async with s.post(sc.proxy_url + "/r/x", data=b"{}") as resp:
+                    async with s.post(replicas[k].proxy_url + "/r/x", data=b"{}") as resp:
                         await resp.read()
+                        answered.append((time.monotonic(), k, resp.headers["x-request-id"]))
                     await asyncio.sleep(1 / args.rps)
 
-            task = asyncio.ensure_future(traffic())
+            async def labels() -> None:
+                while True:
+                    await asyncio.sleep(0.5)
+                    ripe = time.monotonic() - 3 * args.sync_every
+                    n = next((j for j, a in enumerate(answered) if a[0] > ripe), len(answered))
+                    batch, answered[:n] = answered[:n:2], []
+                    by: dict[int, list[dict[str, Any]]] = {}
+                    for _, k, rid in batch:
+                        by.setdefault((k + 1) % len(replicas), []).append({"request_id": rid, "label": 1})
+                    for k, items in by.items():
+                        async with s.post(replicas[k].proxy_url + "/fb", json=items) as resp:
+                            for o, c in (await resp.json())["counts"].items():
+                                outcomes[o] = outcomes.get(o, 0) + c
+
+            tasks = [asyncio.ensure_future(traffic())]
+            if args.feedback:
+                tasks.append(asyncio.ensure_future(labels()))
             try:
                 await window(store, args.seconds, args.replicas, f"with ~{args.rps} requests/s")
             finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            if args.feedback:
+                keys = [k async for k in store.scan_iter(match="sidecar:fleet:{sim}:fb:*")]
+                kept = sum([await store.hlen(k) for k in keys])
+                memory = sum([await store.memory_usage(k, samples=0) or 0 for k in keys])   # MEMORY USAGE, exact
+                print(f"feedback: outcomes {outcomes}; the store holds {kept} predictions in {len(keys)} hashes, "
+                      f"{memory / max(kept, 1):.0f} bytes of Redis memory per prediction")
 
             took: list[float] = []
             for k in range(args.changes):
@@ -143,8 +177,10 @@ async def main(args: argparse.Namespace) -> None:
                 await until(applied, 10, "the weights on every replica")   # polls every 10 ms
                 took.append(time.perf_counter() - t0)
                 await asyncio.sleep(args.sync_every)
-        print(f"weight change on every replica: median {statistics.median(took) * 1000:.0f} ms, "
-              f"max {max(took) * 1000:.0f} ms over {len(took)} changes (sync_every {args.sync_every * 1000:.0f} ms)")
+        if took:
+            print(f"weight change on every replica: median {statistics.median(took) * 1000:.0f} ms, "
+                  f"max {max(took) * 1000:.0f} ms over {len(took)} changes "
+                  f"(sync_every {args.sync_every * 1000:.0f} ms)")
     finally:
         try:
             await sidecars.aclose()
@@ -162,4 +198,5 @@ if __name__ == "__main__":
     p.add_argument("--seconds", type=float, default=10.0, help="each command-count window")
     p.add_argument("--rps", type=float, default=200.0)
     p.add_argument("--changes", type=int, default=10)
+    p.add_argument("--feedback", action="store_true", help="route r with feedback, labels posted to other replicas")
     uvloop.run(main(p.parse_args()))

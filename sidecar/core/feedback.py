@@ -510,6 +510,11 @@ class LocalPendingStore:
 
     def _unpack(self, record: bytes, request_id: str) -> Pending | None:
         """The record's Pending, or None when it belongs to another request id (a hash collision)."""
+        rid, p = self._read(record)
+        return p if rid == request_id else None
+
+    def _read(self, record: bytes) -> tuple[str, Pending]:
+        """The record's request id and Pending."""
         _, at, score, backend, kind, n_segments, n_cls = _HEAD.unpack_from(record)
         offset = _HEAD.size
         predicted: ClassKey | float | None = None
@@ -523,9 +528,8 @@ class LocalPendingStore:
         if kind == _KIND_STR:
             predicted = record[offset:offset + n_cls].decode("utf-8", "surrogatepass")
         offset += n_cls
-        if record[offset:] != request_id.encode("utf-8", "surrogatepass"):
-            return None
-        return Pending(self._backends[backend], at, predicted, None if score != score else score, segments)
+        return (record[offset:].decode("utf-8", "surrogatepass"),
+                Pending(self._backends[backend], at, predicted, None if score != score else score, segments))
 
     def _backend_of(self, record: bytes) -> int:
         return int(_HEAD.unpack_from(record)[3])
@@ -636,6 +640,29 @@ class LocalPendingStore:
             del self._order_hash[: self._start]
             del self._order_seq[: self._start]
             self._start = 0
+
+    def items(self, limit: int | None = None) -> list[tuple[str, Pending]]:
+        """The pending predictions (request id, Pending), oldest first, at most `limit`: what a
+        fleet's replica hands to the shared store (shell/feedback_share.py). O(what it reads)."""
+        out: list[tuple[str, Pending]] = []
+        for i in range(self._start, len(self._order_hash)):
+            if limit is not None and len(out) >= limit:
+                break
+            record = self._live(i)
+            if record is not None:
+                out.append(self._read(record))
+        return out
+
+    def discard(self, request_ids: Iterable[str]) -> None:
+        """Take these predictions out, neither joined nor expired: handed to the shared store,
+        which answers for them from then on. Ids not pending here are ignored."""
+        records = self._records
+        for request_id in request_ids:
+            h = hash(request_id)
+            record = records.get(h)
+            if record is not None and self._unpack(record, request_id) is not None:
+                del records[h]                      # its order entry goes stale
+        self._compact()
 
     def counts(self) -> StoreCounts:
         return StoreCounts(pending=len(self._records), added_total=self.added_total,

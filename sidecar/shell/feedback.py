@@ -33,7 +33,8 @@ most MAX_PENDING answers and MAX_PENDING_BYTES of their bodies.
 Reload: a route's tracker is kept while its `FeedbackPlan.fingerprint` is the same, and
 dropped (its pending predictions and metrics with it) otherwise.
 
-Imports: stdlib, sidecar.config, sidecar.core (feedback, registry), sidecar.errors, sidecar.shell.formats.
+Imports: stdlib, redis (typing only), sidecar.config, sidecar.core (feedback, registry), sidecar.errors,
+sidecar.shell (feedback_share, formats).
 """
 
 from __future__ import annotations
@@ -41,10 +42,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
+from sidecar.config.model import FleetConfig
 from sidecar.config.plan import FeedbackPlan, Plan
 from sidecar.core.feedback import (
     FeedbackBodyError,
@@ -52,6 +54,7 @@ from sidecar.core.feedback import (
     FeedbackSummary,
     FeedbackTracker,
     JoinOutcome,
+    LocalPendingStore,
     Pending,
     StepFeedback,
     feedback_items,
@@ -59,7 +62,11 @@ from sidecar.core.feedback import (
 )
 from sidecar.core.registry import ModelRef
 from sidecar.errors import Overloaded
+from sidecar.shell.feedback_share import ErrorCount, SharedPendingStore, connect
 from sidecar.shell.formats import load_json
+
+if TYPE_CHECKING:
+    from redis import Redis
 
 log = logging.getLogger("sidecar.feedback")
 
@@ -105,8 +112,20 @@ class Feedback:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feedback")
         self._w_trackers: dict[str, FeedbackTracker] = {}
         self._w_plans: dict[str, FeedbackPlan] = {}
+        # with `fleet` only (`share`): the fleet's store for the pending predictions
+        self._fleet: FleetConfig | None = None
+        self._client: Redis | None = None                   # worker-side after `share`
+        self._store_errors = ErrorCount()                   # written by the worker
+        self._store_errors_seen = 0                         # loop-side
+        self.on_store_errors: Callable[[int], None] | None = None   # loop: called with new failures' count
 
     # -- config (loop) ------------------------------------------------------------------------
+
+    def share(self, fleet: FleetConfig) -> None:
+        """With `fleet`: keep the pending predictions in the fleet's store (shell/feedback_share.py).
+        Before the first `apply`; the client connects on its first call, in the worker."""
+        self._fleet = fleet
+        self._client = connect(fleet.redis, fleet.sync_every / 2, fleet.name)
 
     def apply(self, plan: Plan) -> None:
         """Take a new plan (initial or reload); keep the trackers whose fingerprint is the same."""
@@ -193,6 +212,8 @@ class Feedback:
                     await asyncio.sleep(1.0)
         finally:
             self._executor.shutdown(wait=False, cancel_futures=True)
+            if self._client is not None:   # sockets only: a worker call in flight fails, its pass is dropped
+                self._client.connection_pool.disconnect()
 
     async def tick(self, loop: asyncio.AbstractEventLoop) -> None:
         if not self._plans:
@@ -210,6 +231,10 @@ class Feedback:
 
     def _publish(self, published: Published) -> None:
         self._published = {r: p for r, p in published.items() if r in self._plans}
+        failed = self._store_errors.n
+        if failed != self._store_errors_seen and self.on_store_errors is not None:
+            self.on_store_errors(failed - self._store_errors_seen)
+        self._store_errors_seen = failed
 
     # -- for the rollout ------------------------------------------------------------------------
 
@@ -249,8 +274,16 @@ class Feedback:
             if old is not None and old_plan is not None and old_plan.fingerprint == fp.fingerprint:
                 new[route] = old
             else:
-                new[route] = FeedbackTracker(fp.policy, backends=backends.get(route, ()))
+                new[route] = FeedbackTracker(fp.policy, self._w_store(fp), backends=backends.get(route, ()))
         self._w_trackers, self._w_plans = new, dict(plans)
+
+    def _w_store(self, fp: FeedbackPlan) -> SharedPendingStore | None:
+        """With `fleet`, the route's store in the fleet's Redis; else None (the tracker's local one)."""
+        if self._fleet is None or self._client is None:
+            return None
+        local = LocalPendingStore(fp.policy.keep_s, fp.policy.max_pending)
+        prefix = f"sidecar:fleet:{{{self._fleet.name}}}:fb:{fp.route}:{fp.fingerprint}:"
+        return SharedPendingStore(local, self._client, prefix, self._fleet.sync_every, self._store_errors)
 
     def _w_tracker(self, plan: FeedbackPlan) -> FeedbackTracker | None:
         """The tracker for work made under `plan`; None when a reload changed the route since."""
@@ -273,6 +306,8 @@ class Feedback:
             tracker.add_many(items, now)
         for tracker in self._w_trackers.values():
             tracker.expire(now)
+            if isinstance(tracker.store, SharedPendingStore):
+                tracker.store.publish(now)
         return self._w_publish()
 
     def _w_join(self, plan: FeedbackPlan, body: bytes) -> tuple[dict[str, Any], Published]:

@@ -79,6 +79,9 @@ class Services:
         fleet = plan.config.fleet
         self.fleet = None if fleet is None else Fleet(fleet, self.metrics, self.rollouts, self.overrides,
                                                       self.notifier)
+        if fleet is not None:          # pending predictions shared through the fleet's store
+            self.feedback.share(fleet)
+            self.feedback.on_store_errors = self._count_store_errors
         self._follow(plan)
 
     def _attribute(self, models: Mapping[str, ModelRef]) -> None:
@@ -86,6 +89,9 @@ class Services:
         self.access_log.models = models
         self.monitor.models = models
         self.feedback.models = models
+
+    def _count_store_errors(self, n: int) -> None:
+        self.metrics.fleet_sync_errors.labels().value += n
 
     def _follow(self, plan: Plan) -> None:
         self.mirrors.retain(plan)      # statistics of unchanged (route, shadow) pairs stay
