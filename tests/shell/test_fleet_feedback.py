@@ -14,7 +14,7 @@ import redis.asyncio
 from aiohttp import web
 
 from tests.harness import until
-from tests.shell.test_fleet import SYNC_S, RedisServer, Replica, pytestmark, redis_server  # noqa: F401
+from tests.shell.test_fleet import SYNC_S, RedisServer, Replica, redis_server  # noqa: F401 (a fixture)
 from tests.upstreams import Upstream, UpstreamFactory
 
 FEEDBACK = "/fb"
