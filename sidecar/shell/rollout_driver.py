@@ -93,7 +93,7 @@ from sidecar.core.rollout import (
     would_allow,
 )
 from sidecar.errors import StoreUnavailable
-from sidecar.shell.files import write_atomically
+from sidecar.shell.files import Snapshots
 from sidecar.shell.metrics import Metrics
 from sidecar.shell.notify import Notifier
 from sidecar.shell.registry import Registry
@@ -162,9 +162,7 @@ class RolloutDriver:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._saved: dict[str, Any] = {}
-        self._generation = 0
-        self._written = 0
-        self._write_lock = asyncio.Lock()
+        self._snapshots = Snapshots()
         self.errors = 0
         self.fleet: FleetLink | None = None
 
@@ -217,7 +215,7 @@ class RolloutDriver:
         for name in list(self.by_route):
             if name not in routes:
                 del self.by_route[name]
-                self._generation += 1
+                self._snapshots.changed()
                 log.info("rollout of route %s dropped: the route or its rollout section is gone", name)
         self._latency = {}
         for name, route in routes.items():
@@ -336,14 +334,14 @@ class RolloutDriver:
     # -- actions ------------------------------------------------------------------------------
 
     def _attributed(self, ro: _Rollout, res: Result) -> Result:
-        """`res` with the canary's model version on its decisions and events (before a fleet write too)."""
+        """`res` with the canary's model version on its decisions and events, once, right after
+        `handle` made them (before a fleet write). `boot` makes no decision: nothing to stamp."""
         return res if self.registry is None else attribute(res, self.registry.model_of(ro.plan.policy.canary))
 
     def _carry_out(self, rt: Runtime, ro: _Rollout, res: Result) -> None:
-        res = self._attributed(ro, res)
         ro.state = res.state
         ro.next_check_at = res.next_check_at
-        self._generation += 1
+        self._snapshots.changed()
         for action in res.actions:
             if isinstance(action, SetWeights):
                 if action.applied:
@@ -466,7 +464,7 @@ class RolloutDriver:
         ro.state, ro.rev = st, rev
         now = self.clock()
         ro.next_check_at = next_check_at(p, st, now)
-        self._generation += 1
+        self._snapshots.changed()
         if step_id(prev) != step_id(st):
             self._reset(ro, st.step_started_at)
         if not p.dry_run and self._live is not None:
@@ -521,24 +519,17 @@ class RolloutDriver:
         if self.overrides.dirty:
             await self.overrides.save()
         path = self.path
-        if path is None:
-            self._written = self._generation
-            return True
-        async with self._write_lock:
-            generation = self._generation
-            if generation == self._written:
-                return True
-            doc = {"format": FORMAT, "rollouts": {n: ro.state.to_dict() for n, ro in sorted(self.by_route.items())}}
-            data = orjson.dumps(doc, option=orjson.OPT_INDENT_2)
-            try:
-                await asyncio.to_thread(write_atomically, path, data)
-            except OSError as e:
-                self.errors += 1
-                log.error("rollout: cannot write %s: %s (the rollout goes on, but will not survive a restart)",
-                          path, e)
-                return False
-            self._written = generation
-            return True
+        try:
+            await self._snapshots.save(path, self._render)
+        except OSError as e:
+            self.errors += 1
+            log.error("rollout: cannot write %s: %s (the rollout goes on, but will not survive a restart)", path, e)
+            return False
+        return True
+
+    def _render(self) -> bytes:
+        doc = {"format": FORMAT, "rollouts": {n: ro.state.to_dict() for n, ro in sorted(self.by_route.items())}}
+        return orjson.dumps(doc, option=orjson.OPT_INDENT_2)
 
     # -- reports ------------------------------------------------------------------------------
 

@@ -20,7 +20,6 @@ Imports: stdlib, orjson, sidecar.config, sidecar.core, sidecar.shell.runtime/fil
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from collections.abc import Mapping
@@ -32,7 +31,7 @@ import orjson
 
 from sidecar.config.plan import Plan, RoutePlan
 from sidecar.core.split import Split
-from sidecar.shell.files import write_atomically
+from sidecar.shell.files import Snapshots
 from sidecar.shell.runtime import Runtime
 
 log = logging.getLogger("sidecar.state")
@@ -87,9 +86,7 @@ class Overrides:
     def __init__(self, state_dir: Path | None) -> None:
         self.state_dir = state_dir
         self.by_route: dict[str, Override] = {}
-        self._write_lock = asyncio.Lock()
-        self._generation = 0          # bumped per change; a write of an older snapshot is skipped
-        self._written = 0
+        self._snapshots = Snapshots()
 
     @property
     def path(self) -> Path | None:
@@ -105,13 +102,13 @@ class Overrides:
     def set(self, runtime: Runtime, route: RoutePlan, weights: Mapping[str, float]) -> None:
         self.by_route[route.name] = Override(route.fingerprint, dict(weights))
         runtime.splits[route.name] = split_of(route, weights)
-        self._generation += 1
+        self._snapshots.changed()
 
     def clear(self, runtime: Runtime, route: RoutePlan) -> bool:
         if self.by_route.pop(route.name, None) is None:
             return False
         runtime.splits[route.name] = route.split
-        self._generation += 1
+        self._snapshots.changed()
         return True
 
     def apply(self, runtime: Runtime, why: str) -> list[str]:
@@ -127,7 +124,7 @@ class Overrides:
                 continue
             runtime.splits[name] = split_of(route, o.weights)
         if dropped:
-            self._generation += 1
+            self._snapshots.changed()
         return dropped
 
     # -- persistence --------------------------------------------------------------------------
@@ -149,7 +146,7 @@ class Overrides:
                         or min(weights.values()) < 0:
                     # apply() logs fingerprint changes; this one is a route that no longer fits
                     log.warning("state: weight override of route %s dropped: the route is gone or changed", name)
-                    self._generation += 1
+                    self._snapshots.changed()
                     continue
                 self.by_route[name] = Override(str(entry["fingerprint"]), weights)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -158,7 +155,7 @@ class Overrides:
 
     @property
     def dirty(self) -> bool:
-        return self._generation != self._written
+        return self._snapshots.dirty
 
     async def save(self) -> bool:
         """Write the overrides if they changed since the last write (atomic, off the loop).
@@ -166,24 +163,18 @@ class Overrides:
         False when the file could not be written (logged; the overrides still apply in memory).
         """
         path = self.path
-        if path is None:
-            self._written = self._generation
-            return True
-        async with self._write_lock:
-            generation = self._generation
-            if generation == self._written:
-                return True   # a newer save already wrote this snapshot
-            doc = {"format": FORMAT, "weights": {
-                name: {"fingerprint": o.fingerprint, "weights": dict(o.weights)}
-                for name, o in sorted(self.by_route.items())}}
-            data = orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
-            try:
-                await asyncio.to_thread(write_atomically, path, data)
-            except OSError as e:
-                log.error("state: cannot write %s: %s (overrides apply, but will not survive a restart)", path, e)
-                return False
-            self._written = generation
-            return True
+        try:
+            await self._snapshots.save(path, self._render)
+        except OSError as e:
+            log.error("state: cannot write %s: %s (overrides apply, but will not survive a restart)", path, e)
+            return False
+        return True
+
+    def _render(self) -> bytes:
+        doc = {"format": FORMAT, "weights": {
+            name: {"fingerprint": o.fingerprint, "weights": dict(o.weights)}
+            for name, o in sorted(self.by_route.items())}}
+        return orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
 
 
 def resolve_state_dir(state_dir: str | None, config_path: Path | None) -> Path | None:
